@@ -1,0 +1,39 @@
+# Every target installs the project first, so a fresh clone needs nothing but `make demo` / `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= data/ms-coco
+OUT ?= submission.json
+ARGS ?=
+
+.PHONY: install demo test train submit evaluate lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install  ## synthetic data -> train the default backbone -> submission JSON, in a few minutes
+	$(PY) -m coco_multilabel.demo $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+train: install  ## make train DATA=data/ms-coco ARGS="backbone=resnet50 trainer.max_epochs=5"
+	$(PY) -m coco_multilabel.train data.root=$(DATA) $(ARGS)
+
+submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json
+	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)
+
+evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>
+	$(PY) -m coco_multilabel.evaluate predictions=$(PRED) labels=$(LABELS) $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check coco_multilabel tests
+	$(VENV)/bin/ruff format --check coco_multilabel tests
+
+clean:
+	rm -rf $(VENV) outputs/demo outputs/demo-data

@@ -1,0 +1,3 @@
+from coco_multilabel.callbacks.thresholds import ThresholdTuner
+
+__all__ = ["ThresholdTuner"]

@@ -1,0 +1,3 @@
+from coco_multilabel.models.classifier import MultiLabelClassifier
+
+__all__ = ["MultiLabelClassifier"]

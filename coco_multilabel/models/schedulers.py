@@ -1,0 +1,19 @@
+"""Learning-rate schedules built from the number of optimizer steps, known only once training starts."""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+
+
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05) -> LRScheduler:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to zero."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+    return SequentialLR(
+        optimizer,
+        [
+            LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+            CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup)),
+        ],
+        milestones=[warmup],
+    )

@@ -1,0 +1,78 @@
+"""The challenge's predictions JSON: ``{"<stem>": [sorted class indices], ...}``, every test stem once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from coco_multilabel.classes import NUM_CLASSES
+from coco_multilabel.errors import UserError
+from coco_multilabel.io import write_text_atomic
+
+
+def decide_labels(probs: torch.Tensor, thresholds: torch.Tensor, min_labels: int = 1) -> list[list[int]]:
+    """Classes with probability above their threshold; at least the ``min_labels`` most likely."""
+    chosen = probs > thresholds
+    if min_labels > 0:
+        chosen.scatter_(1, probs.topk(min_labels, dim=1).indices, True)
+    return [torch.nonzero(row).flatten().tolist() for row in chosen]
+
+
+def validate_submission(predictions, stems: list[str], num_classes: int = NUM_CLASSES) -> None:
+    """Raise a UserError naming the first key that breaks the format, or the first missing stem."""
+    if not isinstance(predictions, dict):
+        raise UserError("a submission is a JSON object mapping each test image stem to a list of classes")
+    expected = set(stems)
+    for key, value in predictions.items():
+        if key not in expected:
+            hint = " (stems have no extension)" if Path(key).suffix else ""
+            raise UserError(f"key {key!r} is not the stem of an image being scored{hint}")
+        if (
+            not isinstance(value, list)
+            or any(type(c) is not int or not 0 <= c < num_classes for c in value)
+            or value != sorted(set(value))
+        ):
+            raise UserError(
+                f"key {key!r}: {value!r} is not a sorted list of distinct class indices 0..{num_classes - 1}"
+            )
+    missing = sorted(expected - predictions.keys())
+    if missing:
+        raise UserError(f"{len(missing)} images have no prediction; the first is {missing[0]!r}")
+
+
+def parse_submission(text: str, source: str = "submission") -> dict:
+    """JSON text to a dict, refusing duplicate keys (which json.loads would silently merge)."""
+
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise UserError(f"{source}: key {key!r} appears twice")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{source} is not valid JSON: {err}") from err
+
+
+def read_submission(path: str | Path, stems: list[str]) -> dict[str, list[int]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"predictions file {path} does not exist")
+    predictions = parse_submission(path.read_text(encoding="utf-8"), str(path))
+    try:
+        validate_submission(predictions, stems)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    return predictions
+
+
+def write_submission(path: str | Path, predictions: dict[str, list[int]], stems: list[str]) -> Path:
+    """Validate the exact text, then write it atomically: never a partial or malformed file."""
+    text = json.dumps(dict(sorted(predictions.items())), separators=(",", ":")) + "\n"
+    validate_submission(parse_submission(text), stems)
+    return write_text_atomic(path, text)

@@ -1,0 +1,91 @@
+"""Submit: ``python -m coco_multilabel.submit ckpt_path=FILE data.root=DIR output=FILE``.
+
+Predicts every image of ``images/test`` with the checkpoint's tuned thresholds and writes the
+challenge JSON, validated against the test folder before it is moved into place.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from coco_multilabel.config import CONFIG_DIR, report_user_errors
+from coco_multilabel.data.datamodule import CocoDataModule
+from coco_multilabel.models.classifier import MultiLabelClassifier, read_checkpoint
+from coco_multilabel.submission import decide_labels, write_submission
+
+log = logging.getLogger(__name__)
+
+
+def submit(
+    ckpt_path: str,
+    data_root: str,
+    output: str,
+    threshold: float | None = None,
+    min_labels: int = 1,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    accelerator: str = "auto",
+    progress_bar: bool = True,
+) -> Path:
+    """Write the predictions JSON for ``data_root/images/test``; return its path."""
+    checkpoint = read_checkpoint(ckpt_path)
+    model = MultiLabelClassifier.from_checkpoint(checkpoint, source=ckpt_path)
+    trained = checkpoint.get("datamodule_hyper_parameters", {})
+    datamodule = CocoDataModule(
+        root=data_root,
+        image_size=image_size or trained.get("image_size", 224),
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+    )  # fmt: skip
+    probs = torch.cat(trainer.predict(model, datamodule=datamodule)).float().cpu()
+    thresholds = choose_thresholds(model, checkpoint, threshold)
+    labels = decide_labels(probs, thresholds, min_labels)
+    stems = datamodule.predict_set.stems
+    path = write_submission(output, dict(zip(stems, labels, strict=True)), stems)
+    log.info(
+        "wrote %s: %d images, %.2f labels per image", path, len(stems), sum(map(len, labels)) / len(stems)
+    )
+    return path
+
+
+def choose_thresholds(model: MultiLabelClassifier, checkpoint: dict, override: float | None) -> torch.Tensor:
+    if override is not None:
+        log.info("threshold %.3f for every class (submit.threshold)", override)
+        return torch.full_like(model.thresholds, override)
+    tuning = checkpoint.get("threshold_tuning")
+    if tuning is None:
+        log.warning("the checkpoint has no tuned threshold; using 0.5 (set submit.threshold to choose)")
+        return torch.full_like(model.thresholds, 0.5)
+    log.info("thresholds tuned on val (%s, %s): %s", tuning["mode"], tuning["objective"], tuning["threshold"])
+    return model.thresholds
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="submit")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    submit(
+        cfg.ckpt_path,
+        cfg.data.root,
+        cfg.output,
+        threshold=cfg.submit.threshold,
+        min_labels=cfg.submit.min_labels,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        accelerator=cfg.accelerator,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Train: ``python -m coco_multilabel.train data.root=DIR [backbone=NAME] [key=value ...]``.
+
+Reads as the recipe: seed, data, model, callbacks, loggers, trainer, fit; then report the best
+checkpoint and the command that submits it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from coco_multilabel.config import CONFIG_DIR, report_user_errors
+from coco_multilabel.data.datamodule import check_data_root
+from coco_multilabel.errors import UserError
+from coco_multilabel.models import MultiLabelClassifier
+from coco_multilabel.models.classifier import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit a model as ``cfg`` says; return the best checkpoint's path, score and threshold."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    check_data_root(cfg.data.root)
+    if cfg.ckpt_path:
+        check_resumable(cfg)
+    datamodule = instantiate(cfg.data, split_file=str(run_dir / "split.json"), _convert_="all")
+    model = MultiLabelClassifier(
+        backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), **cfg.model
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return summarize(trainer, cfg)
+
+
+def check_resumable(cfg: DictConfig) -> None:
+    """Resuming with another backbone or class count would fail deep in Lightning; say why here."""
+    saved = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]
+    wanted = OmegaConf.to_container(cfg.backbone, resolve=True)
+    if saved["backbone"] != wanted:
+        raise UserError(
+            f"{cfg.ckpt_path} was trained with backbone {saved['backbone']}, "
+            f"but this run asks for {wanted}; resume with the same backbone settings"
+        )
+
+
+def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint else ""
+    summary = {
+        "best_checkpoint": best,
+        "best_score": float(checkpoint.best_model_score)
+        if checkpoint and checkpoint.best_model_score is not None
+        else None,
+        "epochs": trainer.current_epoch,
+        **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+    }
+    if best:
+        tuning = read_checkpoint(best).get("threshold_tuning", {})
+        summary["threshold"] = tuning.get("threshold")
+        log.info(
+            "best checkpoint %s: %s %.4f at threshold %s",
+            best,
+            checkpoint.monitor,
+            summary["best_score"],
+            summary["threshold"],
+        )
+        log.info("next: make submit CKPT=%s DATA=%s OUT=submission.json", best, cfg.data.root)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@report_user_errors
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)["best_score"]  # the value a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny generated dataset and the real configs composed with tiny overrides."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from coco_multilabel.config import CONFIG_DIR
+from coco_multilabel.data.synthetic import make_dataset
+
+TINY = [
+    "backbone=mobilenet_v3_small",
+    "backbone.weights=null",  # random weights: tests never download
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.val_fraction=0.25",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """48 labelled and 8 test images of 48 px in the challenge layout."""
+    return make_dataset(tmp_path_factory.mktemp("data"), n_train=48, n_test=8, size=48)
+
+
+@pytest.fixture
+def train_cfg(tiny_root, tmp_path):
+    """The real train config with tiny overrides; extra overrides as arguments."""
+
+    def make(*overrides: str, run_dir=None):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(
+                "train",
+                overrides=[
+                    *TINY,
+                    f"data.root={tiny_root}",
+                    f"run_dir={run_dir or tmp_path / 'run'}",
+                    *overrides,
+                ],
+            )
+
+    return make

@@ -1,0 +1,115 @@
+"""End-to-end: the real entry points on a tiny generated dataset with a small random backbone."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from coco_multilabel.errors import UserError
+from coco_multilabel.evaluate import evaluate
+from coco_multilabel.submit import submit
+from coco_multilabel.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    """One tiny run of two epochs, shared by the tests that only read its outputs."""
+    from hydra import compose, initialize_config_dir
+
+    from coco_multilabel.config import CONFIG_DIR
+    from tests.conftest import TINY
+
+    run_dir = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"data.root={tiny_root}", f"run_dir={run_dir}",
+                                          "trainer.max_epochs=2"])  # fmt: skip
+    return run_dir, train(cfg)
+
+
+def test_training_writes_best_and_last_checkpoints_and_the_split(trained):
+    run_dir, summary = trained
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["train"]) == 36 and len(split["val"]) == 12
+    assert summary["best_checkpoint"].endswith("best.ckpt") and 0 <= summary["best_score"] <= 1
+    for key in ("val/f1_macro", "val/precision_macro", "val/recall_macro", "val/f1_micro", "val/map"):
+        assert key in summary
+
+
+def test_checkpoint_carries_the_tuned_threshold(trained):
+    run_dir, summary = trained
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+    tuned = checkpoint["threshold_tuning"]
+    assert checkpoint["state_dict"]["thresholds"].unique().tolist() == [pytest.approx(tuned["threshold"])]
+    assert tuned["score"] == pytest.approx(summary["best_score"])
+
+
+def test_resume_continues_the_epoch_count(trained, train_cfg, tmp_path):
+    run_dir, _ = trained
+    import shutil
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed_dir)
+    last = resumed_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 1  # two epochs done: 0 and 1
+    cfg = train_cfg("trainer.max_epochs=3", f"ckpt_path={last}", run_dir=resumed_dir)
+    summary = train(cfg)
+    assert summary["epochs"] == 3
+    assert torch.load(last, weights_only=False)["epoch"] == 2  # one more epoch, not three
+
+
+def test_resume_with_another_backbone_is_refused(trained, train_cfg):
+    run_dir, _ = trained
+    cfg = train_cfg(
+        "backbone=resnet18", "backbone.weights=null", f"ckpt_path={run_dir}/checkpoints/last.ckpt"
+    )
+    with pytest.raises(UserError, match="trained with backbone"):
+        train(cfg)
+
+
+def test_submit_covers_every_test_image_and_obeys_the_threshold(trained, tiny_root, tmp_path):
+    run_dir, _ = trained
+    ckpt = str(run_dir / "checkpoints" / "best.ckpt")
+    common = dict(num_workers=0, accelerator="cpu", progress_bar=False)
+    path = submit(ckpt, str(tiny_root), str(tmp_path / "tuned.json"), **common)
+    predictions = json.loads(path.read_text())
+    stems = sorted(p.stem for p in (tiny_root / "images" / "test").glob("*.jpg"))
+    assert sorted(predictions) == stems
+    assert all(v == sorted(set(v)) and len(v) >= 1 for v in predictions.values())
+    # the scorer accepts it against the held-back labels
+    assert 0 <= evaluate(path, tiny_root / "labels" / "test")["f1_macro"] <= 1
+
+    everything = json.loads(
+        submit(ckpt, str(tiny_root), str(tmp_path / "all.json"), threshold=0.0, **common).read_text()
+    )
+    assert all(v == list(range(80)) for v in everything.values())
+    top1 = json.loads(
+        submit(ckpt, str(tiny_root), str(tmp_path / "top.json"), threshold=1.0, **common).read_text()
+    )
+    assert all(len(v) == 1 for v in top1.values())  # min_labels=1 keeps the most likely class
+
+
+def test_cli_reports_a_missing_data_root_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "coco_multilabel.train", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "data.root is not set" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_cli_evaluate_names_the_first_bad_key(tmp_path):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "000000000001.cls").write_text("3\n")
+    (tmp_path / "pred.json").write_text('{"000000000001.jpg": [3]}')
+    result = subprocess.run(
+        [sys.executable, "-m", "coco_multilabel.evaluate", f"predictions={tmp_path / 'pred.json'}",
+         f"labels={tmp_path / 'labels'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "'000000000001.jpg' is not the stem" in result.stdout + result.stderr
