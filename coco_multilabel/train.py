@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from coco_multilabel.config import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datamodule import check_data_root
 from coco_multilabel.errors import UserError
+from coco_multilabel.io import write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.classifier import read_checkpoint
 
@@ -24,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit a model as ``cfg`` says; return the best checkpoint's path, score and threshold."""
+    """Fit a model as ``cfg`` says; return the best checkpoint's path, score and threshold.
+
+    The best checkpoint's thresholds are also written to ``thresholds.json`` beside it."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     check_data_root(cfg.data.root)
@@ -53,26 +56,23 @@ def check_resumable(cfg: DictConfig) -> None:
 
 
 def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
+    """The best checkpoint, its val metrics and thresholds (also written to thresholds.json)."""
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint else ""
+    score = checkpoint.best_model_score if checkpoint else None
     summary = {
         "best_checkpoint": best,
-        "best_score": float(checkpoint.best_model_score)
-        if checkpoint and checkpoint.best_model_score is not None
-        else None,
+        "best_score": None if score is None else float(score),
         "epochs": trainer.current_epoch,
         **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
     }
     if best:
         tuning = read_checkpoint(best).get("threshold_tuning", {})
-        summary["threshold"] = tuning.get("threshold")
-        log.info(
-            "best checkpoint %s: %s %.4f at threshold %s",
-            best,
-            checkpoint.monitor,
-            summary["best_score"],
-            summary["threshold"],
-        )
+        summary["threshold"] = tuning.get("global_threshold")
+        summary["best_val"] = tuning.get("val_metrics", {})
+        if tuning:
+            write_json_atomic(Path(best).with_name("thresholds.json"), tuning, indent=1)
+        log.info("best checkpoint %s: %s %.4f", best, checkpoint.monitor, summary["best_score"])
         log.info("next: make submit CKPT=%s DATA=%s OUT=submission.json", best, cfg.data.root)
     return summary
 

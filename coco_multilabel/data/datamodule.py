@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from coco_multilabel.classes import NUM_CLASSES
-from coco_multilabel.data.datasets import CocoImages, labelled_stems, list_images
+from coco_multilabel.data.datasets import CocoImages, labelled_stems
 from coco_multilabel.data.transforms import eval_transform, train_transform
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_json_atomic
@@ -75,7 +75,7 @@ def load_or_make_split(split_file: Path | None, stems: list[str], val_fraction: 
 
 
 class CocoDataModule(L.LightningDataModule):
-    """Labelled images split into train/val, test images for prediction."""
+    """Labelled images split into train and val (submit reads the test images itself)."""
 
     def __init__(
         self,
@@ -124,9 +124,6 @@ class CocoDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set)
 
     def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         return DataLoader(
