@@ -52,8 +52,9 @@ def main(cfg: DictConfig) -> None:
     minutes = (time.perf_counter() - start) / 60
     best = summary["best_val"]
     print(
-        f"\nval macro F1 of the best epoch: {best['macro_f1']:.3f} at 0.5, {best['macro_f1_tuned']:.3f} at the "
-        f"tuned threshold {summary['threshold']}, {best['macro_f1_xfit']:.3f} cross-fitted"
+        f"\nval macro F1 of the best epoch: {best['macro_f1']:.3f} at 0.5, "
+        f"{best['macro_f1_tuned']:.3f} at the tuned threshold {summary['threshold']}, "
+        f"{best['macro_f1_xfit']:.3f} cross-fitted"
     )
     print(format_scores(scores, f"test, {cfg.demo.n_test} images"))
     verdict = "well above" if scores["macro_f1"] > 3 * chance else "NOT well above"

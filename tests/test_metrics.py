@@ -44,8 +44,9 @@ def test_map_leaves_out_classes_without_positives():
 
 def test_per_class_table_rows():
     rows = per_class_table(PREDS, TARGETS, ("a", "b", "c"), thresholds=torch.tensor([0.5, 0.4, 0.3]))
-    assert rows[0] == {"class": 0, "name": "a", "support": 3, "precision": 1.0, "recall": pytest.approx(2 / 3),
-                       "f1": pytest.approx(0.8), "threshold": 0.5}  # fmt: skip
+    expected = {"class": 0, "name": "a", "support": 3, "precision": 1.0, "recall": pytest.approx(2 / 3),
+                "f1": pytest.approx(0.8), "threshold": 0.5}  # fmt: skip
+    assert rows[0] == expected
     assert rows[2]["support"] == 0 and rows[2]["f1"] == 0.0
 
 

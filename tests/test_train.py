@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.evaluate import evaluate, evaluate_probabilities
+from coco_multilabel.evaluate import evaluate
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train
 

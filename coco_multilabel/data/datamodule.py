@@ -111,11 +111,6 @@ class CocoDataModule(L.LightningDataModule):
             self.val_set = CocoImages.labelled(
                 root, self.split["val"], eval_transform(image_size=hp.image_size), hp.num_classes
             )
-        if stage == "predict":
-            root = check_data_root(hp.root, need=("images/test",))
-            self.predict_set = CocoImages(
-                list_images(root / "images" / "test"), None, eval_transform(image_size=hp.image_size)
-            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
