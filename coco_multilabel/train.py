@@ -37,6 +37,12 @@ def train(cfg: DictConfig) -> dict:
     model = MultiLabelClassifier(
         backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), **cfg.model
     )
+    if cfg.data.cache_features:
+        if not cfg.model.freeze_backbone:
+            raise UserError(
+                "data.cache_features=true needs model.freeze_backbone=true: features change otherwise"
+            )
+        datamodule.use_feature_cache(model.backbone, OmegaConf.to_container(cfg.backbone, resolve=True))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -64,6 +64,9 @@ class MultiLabelClassifier(L.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of images (N x 3 x H x W), or of backbone features (N x D) from the feature cache."""
+        if images.dim() == 2:
+            return self.head(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_backbone):
