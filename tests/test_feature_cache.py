@@ -6,8 +6,8 @@ from PIL import Image
 
 from coco_multilabel.data.datasets import CocoImages, labelled_stems, load_rgb
 from coco_multilabel.data.feature_cache import FeatureCache, build_or_load, cache_key
-from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.data.transforms import eval_transform
+from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.backbones import torchvision_backbone
 from coco_multilabel.train import train
 
