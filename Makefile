@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= data/ms-coco
 OUT ?= submission.json
+BENCH_DATA ?= ../shared/coco-dev
 ARGS ?=
 
-.PHONY: install demo test train submit evaluate lint clean
+.PHONY: install demo test train submit evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +31,9 @@ submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt D
 
 evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt)
 	$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
+
+bench: install  ## make bench [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5"]; writes outputs/bench/bench.md
+	$(PY) -m coco_multilabel.bench --data $(BENCH_DATA) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check coco_multilabel tests
