@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from coco_multilabel.classes import NUM_CLASSES
-from coco_multilabel.data.datasets import CocoImages, labelled_stems, list_images
+from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad, labelled_stems, list_images
 from coco_multilabel.data.transforms import eval_transform, train_transform
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_json_atomic
@@ -89,12 +89,17 @@ class CocoDataModule(L.LightningDataModule):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip_prob: float = 0.5,
         num_classes: int = NUM_CLASSES,
+        on_bad_image: str = "error",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["split_file"])
         self.split_file = Path(split_file) if split_file else None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.split: dict | None = None
+        # Counted here, in the main process: the workers that skip images cannot report to it.
+        self.skipped_images = 0
+        self.skipped_predict_indices: list[int] = []
+        self._predicted = 0
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -107,15 +112,32 @@ class CocoDataModule(L.LightningDataModule):
                 self.split["train"],
                 train_transform(image_size=hp.image_size, crop_scale=hp.crop_scale, hflip_prob=hp.hflip_prob),
                 hp.num_classes,
+                hp.on_bad_image,
             )
             self.val_set = CocoImages.labelled(
-                root, self.split["val"], eval_transform(image_size=hp.image_size), hp.num_classes
-            )
+                root, self.split["val"], eval_transform(image_size=hp.image_size), hp.num_classes,
+                hp.on_bad_image,
+            )  # fmt: skip
         if stage == "predict":
             root = check_data_root(hp.root, need=("images/test",))
+            images = list_images(root / "images" / "test")
+            if not images:
+                raise UserError(f"{root / 'images' / 'test'} holds no .jpg file: {DATA_ROOT_HELP}")
             self.predict_set = CocoImages(
-                list_images(root / "images" / "test"), None, eval_transform(image_size=hp.image_size)
+                images, None, eval_transform(image_size=hp.image_size), on_bad_image=hp.on_bad_image
             )
+            self.skipped_predict_indices, self._predicted = [], 0
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """Drop the ``kept`` mask of :func:`collate_skipping_bad`, counting what it left out."""
+        images, targets, kept = batch
+        skipped = torch.nonzero(~kept).flatten()
+        self.skipped_images += len(skipped)
+        if self.trainer is not None and self.trainer.predicting:
+            # the predict loader is not shuffled: positions map to predict_set.stems
+            self.skipped_predict_indices += (skipped + self._predicted).tolist()
+            self._predicted += len(kept)
+        return images, targets
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
@@ -137,6 +159,7 @@ class CocoDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_skipping_bad,
         )
 
 
