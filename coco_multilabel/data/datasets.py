@@ -91,7 +91,8 @@ def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, tor
     good = [sample for sample in samples if sample is not None]
     if not good:
         raise UserError(
-            f"all {len(samples)} images of a batch are unreadable; the data is badly damaged: {CHECK_DATA_HINT}"
+            f"all {len(samples)} images of a batch are unreadable; the data is badly damaged: "
+            + CHECK_DATA_HINT
         )
     images, targets = default_collate(good)
     return images, targets, kept

@@ -88,7 +88,9 @@ def decode_label_bytes(data: bytes, source: str = "<bytes>") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{source} is not UTF-8 text ({err.reason} at byte {err.start}); {CHECK_DATA_HINT}")
+        raise UserError(
+            f"{source} is not UTF-8 text ({err.reason} at byte {err.start}); {CHECK_DATA_HINT}"
+        ) from None
 
 
 def parse_label_text(text: str, source: str = "<text>", num_classes: int = NUM_CLASSES) -> list[int]:
@@ -101,7 +103,8 @@ def parse_label_text(text: str, source: str = "<text>", num_classes: int = NUM_C
                 f"each line must hold one integer 0..{num_classes - 1} ({CHECK_DATA_HINT})"
             )
         raise UserError(
-            f"{source}, line {issue.line}: class {issue.text} is outside 0..{num_classes - 1} ({CHECK_DATA_HINT})"
+            f"{source}, line {issue.line}: class {issue.text} is outside 0..{num_classes - 1} "
+            f"({CHECK_DATA_HINT})"
         )
     return report.classes
 
