@@ -20,8 +20,8 @@ CHECK_DATA_HINT = "run `make check-data DATA=<root>` to list every problem"
 # kind -> what check-data prints for it; errors stop training, warnings are tolerated
 LABEL_ERRORS = {
     "not_utf8": "label files that are not UTF-8 text",
-    "non_integer": "label lines that are not an integer",
-    "out_of_range": "label lines outside 0..{last}",
+    "non_integer": "label files with a line that is not an integer",
+    "out_of_range": "label files with a class outside 0..{last}",
 }
 LABEL_WARNINGS = {
     "blank": "label files with blank lines (ignored)",
