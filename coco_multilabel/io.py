@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from coco_multilabel.errors import UserError
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -26,8 +29,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on device to write {path}; free space and run again") from err
         raise
     _fsync_dir(path.parent)
     return path

@@ -1,11 +1,15 @@
 """Atomic writes: a process SIGKILLed in the middle of a write leaves the old file, never half."""
 
+import errno
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
+from coco_multilabel.errors import UserError
 from coco_multilabel.io import AtomicCheckpointIO, write_text_atomic
 
 # Run in a child process: os.fsync is the moment the new bytes are written but not yet renamed.
@@ -50,3 +54,17 @@ def test_killed_checkpoint_save_leaves_the_old_checkpoint_and_the_next_save_clea
     AtomicCheckpointIO().save_checkpoint({"epoch": 3}, target)
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
     assert torch.load(target)["epoch"] == 3
+
+
+def test_a_full_disk_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "split.json"
+    write_text_atomic(target, "old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=f"no space left on device to write {target}"):
+        write_text_atomic(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]
