@@ -96,7 +96,11 @@ def check_data(root: str | Path, full: bool = False, progress: bool = False) -> 
         if not path.is_dir():
             findings.add("missing_folder", f"{folder}/")
             continue
-        entries[folder] = sorted(path.iterdir())
+        try:
+            entries[folder] = sorted(path.iterdir())
+        except OSError as err:
+            findings.add("missing_folder", f"{folder}/ (cannot list it: {err.strerror or err})")
+            continue
         findings.counts[folder] = len(entries[folder])
         if not entries[folder]:
             findings.add("empty_folder", f"{folder}/")

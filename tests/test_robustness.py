@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from coco_multilabel.config import CONFIG_DIR
-from coco_multilabel.data.datamodule import make_split
+from coco_multilabel.data.datamodule import CocoDataModule, make_split
 from coco_multilabel.data.datasets import labelled_stems
 from coco_multilabel.errors import UserError
 from coco_multilabel.submit import submit
@@ -109,6 +109,26 @@ def test_a_checkpoint_with_another_class_count_is_refused(checkpoint, tiny_root,
         submit(str(tmp_path / "twenty.ckpt"), str(tiny_root), str(tmp_path / "out.json"), **SUBMIT)
     with pytest.raises(UserError, match="twenty.ckpt predicts 20 classes, but this run has 80"):
         train(train_cfg(f"ckpt_path={tmp_path / 'twenty.ckpt'}"))
+
+
+def test_a_checkpoint_of_an_unknown_backbone_names_it(checkpoint, tiny_root, tmp_path):
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["hyper_parameters"]["backbone"]["name"] = "mobilenet_v9"
+    torch.save(saved, tmp_path / "v9.ckpt")
+    with pytest.raises(UserError, match="v9.ckpt holds a mobilenet_v9 model that cannot be rebuilt here"):
+        submit(str(tmp_path / "v9.ckpt"), str(tiny_root), str(tmp_path / "out.json"), **SUBMIT)
+
+
+def test_a_hand_edited_split_file_says_how_to_recover(tiny_root, tmp_path):
+    for text in ('{"train": ["000000000001",], ', '{"train": [], "val": 3}', "[]"):
+        (tmp_path / "split.json").write_text(text)
+        datamodule = CocoDataModule(
+            root=str(tiny_root), num_workers=0, split_file=str(tmp_path / "split.json")
+        )
+        with pytest.raises(
+            UserError, match="split.json is not a valid split .*delete it to draw a new split"
+        ):
+            datamodule.setup("fit")
 
 
 def test_a_wrong_data_root_for_submit_names_the_test_folder(checkpoint, tmp_path):

@@ -57,7 +57,7 @@ def make_split(stems: list[str], val_fraction: float, seed: int) -> dict:
 def load_or_make_split(split_file: Path | None, stems: list[str], val_fraction: float, seed: int) -> dict:
     """Read the run's ``split.json`` when it exists (resume, submit), else make and write it."""
     if split_file is not None and split_file.exists():
-        split = json.loads(split_file.read_text())
+        split = read_split(split_file)
         missing = sorted(set(split["train"] + split["val"]) - set(stems))
         if missing:
             raise UserError(
@@ -71,6 +71,20 @@ def load_or_make_split(split_file: Path | None, stems: list[str], val_fraction: 
     split = make_split(stems, val_fraction, seed)
     if split_file is not None:
         write_json_atomic(split_file, split, indent=1)
+    return split
+
+
+def read_split(split_file: Path) -> dict:
+    """A run's split, or a UserError: it is the one file of a run a user may be tempted to edit."""
+    try:
+        split = json.loads(split_file.read_text(encoding="utf-8"))
+        if not all(isinstance(split.get(key), list) for key in ("train", "val")):
+            raise ValueError('it needs the lists "train" and "val"')
+    except (ValueError, AttributeError, OSError) as err:
+        raise UserError(
+            f"{split_file} is not a valid split ({err}); restore it, or delete it to draw a new split "
+            "(the val images then change)"
+        ) from err
     return split
 
 
