@@ -1,6 +1,5 @@
 """check-data on a generated data root with one planted case of every problem."""
 
-import shutil
 import subprocess
 import sys
 
@@ -123,10 +122,8 @@ def test_report_lists_a_few_files_and_counts_the_rest(tmp_path, capsys):
     assert "images/train/000000000004.jpg" in out and "images/train/000000000005.jpg" not in out
 
 
-def test_clean_data_passes(tiny_root, tmp_path, capsys):
-    root = shutil.copytree(tiny_root, tmp_path / "data")
-    shutil.rmtree(root / "labels" / "test")  # the demo's hidden answers are not part of the layout
-    assert main([str(root)]) == 0
+def test_clean_data_passes(tiny_root, capsys):
+    assert main([str(tiny_root)]) == 0
     assert "no errors, 0 warnings" in capsys.readouterr().out
 
 

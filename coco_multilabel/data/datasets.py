@@ -31,8 +31,9 @@ def list_images(image_dir: str | Path) -> list[Path]:
 class CocoImages(Dataset):
     """Images with multi-hot targets (``labels`` given) or with an empty target (test images).
 
-    ``on_bad_image="skip"`` turns an unreadable image into ``None`` instead of an error;
-    :func:`collate_skipping_bad` drops it from the batch and says where it was.
+    ``min_side`` decodes JPEGs at a reduced scale (see ``load_rgb``). ``on_bad_image="skip"`` turns
+    an unreadable image into ``None`` instead of an error; :func:`collate_skipping_bad` drops it
+    from the batch and says where it was.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class CocoImages(Dataset):
         labels: list[list[int]] | None = None,
         transform: Callable | None = None,
         num_classes: int = 80,
+        min_side: int | None = None,
         on_bad_image: str = "error",
     ):
         if labels is not None and len(labels) != len(image_paths):
@@ -52,6 +54,7 @@ class CocoImages(Dataset):
         self.image_paths = list(image_paths)
         self.targets = None if labels is None else [to_multi_hot(c, num_classes) for c in labels]
         self.transform = transform
+        self.min_side = min_side
         self.on_bad_image = on_bad_image
 
     @property
@@ -63,7 +66,7 @@ class CocoImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
-            image = load_rgb(self.image_paths[index])
+            image = load_rgb(self.image_paths[index], self.min_side)
         except UserError:
             if self.on_bad_image == "skip":
                 log.debug("skipping unreadable image %s", self.image_paths[index])
@@ -76,13 +79,19 @@ class CocoImages(Dataset):
 
     @classmethod
     def labelled(
-        cls, root: str | Path, stems: list[str], transform=None, num_classes: int = 80, on_bad_image="error"
+        cls,
+        root: str | Path,
+        stems: list[str],
+        transform=None,
+        num_classes: int = 80,
+        min_side: int | None = None,
+        on_bad_image: str = "error",
     ):
         """Images ``root/images/train/<stem>.jpg`` with labels ``root/labels/train/<stem>.cls``."""
         root = Path(root)
         paths = [_image_path(root / "images" / "train", stem) for stem in stems]
         labels = [read_label_file(root / "labels" / "train" / f"{s}.cls", num_classes) for s in stems]
-        return cls(paths, labels, transform, num_classes, on_bad_image)
+        return cls(paths, labels, transform, num_classes, min_side, on_bad_image)
 
 
 def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

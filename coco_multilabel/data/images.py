@@ -40,10 +40,16 @@ def _scaled_int(image: Image.Image) -> np.ndarray:
     return values >> 8 if values.max(initial=0) > 255 else values
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image, apply its EXIF orientation and convert any mode to 8-bit RGB."""
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode an image, apply its EXIF orientation and convert any mode to 8-bit RGB.
+
+    With ``min_side``, a JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides
+    at least ``min_side``: much less work when the model looks at smaller images anyway.
+    """
     try:
         with Image.open(path) as image:
+            if min_side:
+                image.draft(image.mode, (min_side, min_side))  # keep the mode: to_rgb converts it
             return to_rgb(ImageOps.exif_transpose(image))
     except DECODE_ERRORS as err:
         raise UserError(f"cannot read image {path}: {err}; {CHECK_DATA_HINT}") from err
