@@ -1,5 +1,5 @@
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coco_multilabel.data.labels import (
@@ -68,6 +68,7 @@ def test_files_keep_crlf_visible_and_refuse_other_encodings(tmp_path):
 LINE_ENDS = st.sampled_from(["\n", "\r\n"])
 
 
+@settings(deadline=None, max_examples=60)
 @given(
     classes=st.lists(st.integers(0, 79), max_size=12),
     end=LINE_ENDS,
@@ -82,6 +83,7 @@ def test_any_valid_file_parses_to_its_sorted_distinct_classes(classes, end, bom,
     assert parse_label_text(text) == sorted(set(classes))
 
 
+@settings(deadline=None, max_examples=60)
 @given(st.text(alphabet=st.sampled_from("0123456789-+ x.\n\r\t\ufeff"), max_size=40))
 def test_any_text_parses_to_valid_classes_or_a_user_error(text):
     report = inspect_label_text(text)

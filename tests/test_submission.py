@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coco_multilabel.errors import UserError
@@ -66,6 +66,7 @@ STEM = st.integers(0, 10**12 - 1).map(lambda i: f"{i:012d}")
 CLASSES = st.lists(st.integers(0, 79), unique=True, max_size=8)
 
 
+@settings(deadline=None, max_examples=60)
 @given(st.dictionaries(STEM, CLASSES, min_size=1, max_size=20))
 def test_written_predictions_read_back_identically(predictions):
     stems = sorted(predictions)
@@ -76,6 +77,7 @@ def test_written_predictions_read_back_identically(predictions):
         assert path.read_text() == json.dumps(normalised, sort_keys=True, separators=(",", ":")) + "\n"
 
 
+@settings(deadline=None, max_examples=60)
 @given(
     st.dictionaries(STEM, CLASSES, min_size=1, max_size=10),
     st.sampled_from(["unsorted", "duplicate", "out_of_range", "missing", "extension"]),
