@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from coco_multilabel.check_data import PROBLEMS, check_data, main
+from coco_multilabel.data.labels import LABEL_ERRORS, read_label_file
+from coco_multilabel.errors import UserError
 
 
 def jpeg_bytes(tmp_path, seed=0) -> bytes:
@@ -144,3 +146,20 @@ def test_cli_exits_non_zero_without_a_traceback(broken_root):
     )  # fmt: skip
     assert result.returncode == 1
     assert "images/train/garbage.jpg" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_check_data_and_training_refuse_the_same_label_files(broken_root):
+    findings = check_data(broken_root)
+    reported = {item.split()[0] for kind in LABEL_ERRORS for item in findings.problems[kind]}
+    for path in sorted((broken_root / "labels" / "train").glob("*.cls")):
+        try:
+            read_label_file(path)
+            refused = False
+        except UserError:
+            refused = True
+        assert refused == (f"labels/train/{path.name}" in reported), path.name
+
+
+def test_the_progress_bar_does_not_change_the_findings(broken_root, monkeypatch):
+    monkeypatch.setattr("coco_multilabel.check_data.PROGRESS_FROM", 0)
+    assert check_data(broken_root, progress=True).problems == check_data(broken_root).problems
