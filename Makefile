@@ -7,7 +7,7 @@ OUT ?= submission.json
 BENCH_DATA ?= ../shared/coco-dev
 ARGS ?=
 
-.PHONY: install demo test train submit evaluate bench lint clean
+.PHONY: install demo test check-data train submit evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ demo: install  ## synthetic data -> train the default backbone -> submission JSO
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+check-data: install  ## make check-data DATA=data/ms-coco [ARGS=--full]: counts and first files of each problem
+	$(PY) -m coco_multilabel.check_data $(DATA) $(ARGS)
 
 train: install  ## make train DATA=data/ms-coco ARGS="backbone=resnet50 trainer.max_epochs=5"
 	$(PY) -m coco_multilabel.train data.root=$(DATA) $(ARGS)
