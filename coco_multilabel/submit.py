@@ -65,7 +65,9 @@ def submit(
     size = image_size or checkpoint.get("datamodule_hyper_parameters", {}).get("image_size", 224)
     paths = image_paths(Path(ckpt_path), data_root, images)
     loader = DataLoader(
-        CocoImages(paths, transform=eval_transform(image_size=size), on_bad_image=on_bad_image),
+        CocoImages(
+            paths, transform=eval_transform(image_size=size), min_side=size, on_bad_image=on_bad_image
+        ),
         batch_size=batch_size,
         num_workers=default_num_workers() if num_workers is None else num_workers,
         collate_fn=collate_skipping_bad,
