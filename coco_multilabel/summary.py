@@ -53,7 +53,7 @@ TRAILING = ["epochs", "wall_s", "device", "best_checkpoint"]
 def tables(rows: list[dict]) -> tuple[str, str]:
     """The CSV (every override, every val metric) and the Markdown (only what differs between jobs)."""
     metrics = sorted({k for r in rows for k in r if k.startswith("val/")})
-    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
     records = [
         {
             "rank": i + 1 if r.get("best_score") is not None else "",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.sweep import check_one_device
+from coco_multilabel.sweep import check_one_device, run_job
 from coco_multilabel.train import train
 from tests.conftest import TINY
 
@@ -145,3 +145,13 @@ def test_precision_accumulation_and_channels_last_train(train_cfg, tmp_path):
     assert summary["epochs"] == 1 and 0 <= summary["best_score"] <= 1
     hparams = torch.load(summary["best_checkpoint"], weights_only=False)["hyper_parameters"]
     assert hparams["channels_last"] is True
+
+
+def test_a_failing_run_is_recorded_as_failed(tmp_path, train_cfg):
+    def fail(cfg):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        run_job(train_cfg(run_dir=tmp_path), fail)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"] == "RuntimeError: out of memory"
