@@ -34,11 +34,11 @@ RESULT = "result.json"
 def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | None:
     """Run ``train(cfg)`` and record it in ``result.json``; return the best score (the objective)."""
     run_dir = Path(cfg.run_dir)
-    record = {"status": "running", "overrides": task_overrides(), "started": _now()}
+    record = {"status": "running", "overrides": task_overrides()}
     if in_multirun():
         check_one_device(cfg)
         previous = read_result(run_dir)
-        if previous and previous.get("overrides") != record["overrides"]:
+        if previous and sorted(previous.get("overrides", [])) != sorted(record["overrides"]):
             raise UserError(
                 f"{run_dir / RESULT} belongs to a job with overrides {previous.get('overrides')}, not "
                 f"{record['overrides']}: this sweep dir holds another sweep; pass a new hydra.sweep.dir"
@@ -51,9 +51,9 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | Non
             log.info("resuming the interrupted job from %s", last)
             cfg.ckpt_path = str(last)
     record["resumed_from"] = cfg.ckpt_path
-    start = time.perf_counter()
-    with job_device(cfg) as device:
-        record["device"] = device
+    with job_device(cfg) as device:  # a job waiting for a device shows as pending in the summary
+        start = time.perf_counter()
+        record.update(device=device, started=_now())
         _write(run_dir, record)
         try:
             summary = train(cfg)

@@ -155,3 +155,16 @@ def test_a_failing_run_is_recorded_as_failed(tmp_path, train_cfg):
         run_job(train_cfg(run_dir=tmp_path), fail)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "failed" and result["error"] == "RuntimeError: out of memory"
+
+
+def test_a_sweep_dir_holding_another_sweep_is_refused(tiny_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "result.json").write_text(
+        json.dumps({"status": "done", "overrides": ["model.dropout=0.9"]})
+    )
+    result = cli(
+        f"data.root={tiny_root}", f"hydra.sweep.dir={sweep}", "model.dropout=0.1", "-m", cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "holds another sweep; pass a new hydra.sweep.dir" in result.stdout + result.stderr
