@@ -35,8 +35,8 @@ sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summa
 submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json
 	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)
 
-evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>
-	$(PY) -m coco_multilabel.evaluate predictions=$(PRED) labels=$(LABELS) $(ARGS)
+evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt)
+	$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check coco_multilabel tests

@@ -18,6 +18,7 @@ from coco_multilabel.callbacks.best_metrics import BestMetrics
 from coco_multilabel.config import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datamodule import check_data_root
 from coco_multilabel.errors import UserError
+from coco_multilabel.io import write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.classifier import read_checkpoint
 from coco_multilabel.sweep import run_job
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit a model as ``cfg`` says; return the best checkpoint's path, score and threshold."""
+    """Fit a model as ``cfg`` says; return the best checkpoint's path, score and threshold.
+
+    The best checkpoint's thresholds are also written to ``thresholds.json`` beside it."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     check_data_root(cfg.data.root)
@@ -36,6 +39,12 @@ def train(cfg: DictConfig) -> dict:
     model = MultiLabelClassifier(
         backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), **cfg.model
     )
+    if cfg.data.cache_features:
+        if not cfg.model.freeze_backbone:
+            raise UserError(
+                "data.cache_features=true needs model.freeze_backbone=true: features change otherwise"
+            )
+        datamodule.use_feature_cache(model.backbone, OmegaConf.to_container(cfg.backbone, resolve=True))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -55,15 +64,15 @@ def check_resumable(cfg: DictConfig) -> None:
 
 
 def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
+    """The best checkpoint, its val metrics and thresholds (also written to thresholds.json)."""
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint else ""
+    score = checkpoint.best_model_score if checkpoint else None
     best_epoch = next((c.best for c in trainer.callbacks if isinstance(c, BestMetrics)), None)
     last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     summary = {
         "best_checkpoint": best,
-        "best_score": float(checkpoint.best_model_score)
-        if checkpoint and checkpoint.best_model_score is not None
-        else None,
+        "best_score": None if score is None else float(score),
         "epochs": trainer.current_epoch,
         "objective": checkpoint.monitor if checkpoint else None,
         "objective_mode": checkpoint.mode if checkpoint else None,
@@ -71,14 +80,11 @@ def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
     }
     if best:
         tuning = read_checkpoint(best).get("threshold_tuning", {})
-        summary["threshold"] = tuning.get("threshold")
-        log.info(
-            "best checkpoint %s: %s %.4f at threshold %s",
-            best,
-            checkpoint.monitor,
-            summary["best_score"],
-            summary["threshold"],
-        )
+        summary["threshold"] = tuning.get("global_threshold")
+        summary["best_val"] = tuning.get("val_metrics", {})
+        if tuning:
+            write_json_atomic(Path(best).with_name("thresholds.json"), tuning, indent=1)
+        log.info("best checkpoint %s: %s %.4f", best, checkpoint.monitor, summary["best_score"])
         log.info("next: make submit CKPT=%s DATA=%s OUT=submission.json", best, cfg.data.root)
     return summary
 

@@ -6,7 +6,7 @@ from coco_multilabel.callbacks.best_metrics import BestMetrics
 
 
 def validate(callback, epoch, score, loss, sanity=False):
-    metrics = {"val/f1_macro_tuned": torch.tensor(score), "val/loss": torch.tensor(loss), "train/loss": 1.0}
+    metrics = {"val/macro_f1_xfit": torch.tensor(score), "val/loss": torch.tensor(loss), "train/loss": 1.0}
     trainer = SimpleNamespace(callback_metrics=metrics, current_epoch=epoch, sanity_checking=sanity)
     callback.on_validation_end(trainer, None)
 
@@ -17,7 +17,7 @@ def test_keeps_the_metrics_of_the_best_epoch_not_the_last():
     assert callback.best is None
     for epoch, score in enumerate([0.3, 0.5, 0.4, 0.5]):
         validate(callback, epoch, score, loss=epoch)
-    assert callback.best == {"val/f1_macro_tuned": 0.5, "val/loss": 1.0, "epoch": 1}  # first of the ties
+    assert callback.best == {"val/macro_f1_xfit": 0.5, "val/loss": 1.0, "epoch": 1}  # first of the ties
     restored = BestMetrics()
     restored.load_state_dict(callback.state_dict())  # resume keeps it
     validate(restored, 4, 0.45, 4.0)

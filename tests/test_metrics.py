@@ -1,46 +1,66 @@
+import json
+
 import pytest
 import torch
-from torchmetrics.functional.classification import multilabel_f1_score
 
-from coco_multilabel.callbacks.thresholds import best_global_threshold
 from coco_multilabel.evaluate import evaluate
-from coco_multilabel.metrics import hard_scores, macro_f1_at
+from coco_multilabel.metrics import PresentClassesAP, label_scores, mean_average_precision, per_class_table
+
+# 4 images, 3 classes; class 2 has no positives (and one false positive).
+TARGETS = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 0, 0]])
+PREDS = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 0], [0, 0, 0]])
+# class 0: TP 2, FP 0, FN 1 -> P 1, R 2/3, F1 4/5; class 1: TP 0, FP 1, FN 1 -> 0, 0, 0;
+# class 2: TP 0, FP 1, FN 0 -> 0, 0 (no positives: R is 0/0 -> 0), 0.
+EXPECTED = {
+    "macro_f1": (4 / 5) / 3,
+    "macro_precision": 1 / 3,
+    "macro_recall": (2 / 3) / 3,
+    "micro_f1": 0.5,  # TP 2, FP 2, FN 2
+    "micro_precision": 0.5,
+    "micro_recall": 0.5,
+    "cp": 1 / 3,
+    "cr": 2 / 9,
+    "cf1": 4 / 15,  # 2 (1/3)(2/9) / (1/3 + 2/9)
+    # weights 1/3, 1, 0 (class 2 absent): P = (1/3) / (4/3) = 1/4, R = (2/9) / (4/3) = 1/6
+    "invfreq_f1": 1 / 5,
+}
 
 
-def test_hand_computed_scores_count_absent_classes_as_zero(tmp_path):
-    # class 0: tp 2 -> P 1, R 1, F1 1; class 1: fp 1, fn 1 -> 0; class 2: tp 1, fp 1 -> P 1/2, R 1, F1 2/3;
-    # the other 77 classes are absent from labels and predictions and count as 0.
+def test_every_score_on_a_hand_computed_case():
+    scores = label_scores(PREDS, TARGETS)
+    assert scores.keys() == EXPECTED.keys()
+    for name, value in EXPECTED.items():
+        assert scores[name] == pytest.approx(value), name
+
+
+def test_map_leaves_out_classes_without_positives():
+    probs = torch.tensor([[0.9, 0.2, 0.5], [0.8, 0.6, 0.1], [0.1, 0.1, 0.1], [0.3, 0.3, 0.1]])
+    # class 0: positives ranked 1, 2, 3 -> AP 1; class 1: its positive ranked 3rd -> AP 1/3; class 2: none
+    assert mean_average_precision(probs, TARGETS) == pytest.approx((1 + 1 / 3) / 2)
+    metric = PresentClassesAP(3)
+    metric.update(probs, TARGETS)
+    assert float(metric.compute()) == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_per_class_table_rows():
+    rows = per_class_table(PREDS, TARGETS, ("a", "b", "c"), thresholds=torch.tensor([0.5, 0.4, 0.3]))
+    expected = {"class": 0, "name": "a", "support": 3, "precision": 1.0, "recall": pytest.approx(2 / 3),
+                "f1": pytest.approx(0.8), "threshold": 0.5}  # fmt: skip
+    assert rows[0] == expected
+    assert rows[2]["support"] == 0 and rows[2]["f1"] == 0.0
+
+
+def test_evaluate_a_hand_made_submission_counts_absent_classes_as_zero(tmp_path):
+    # class 0: F1 1; class 1: F1 0; class 2: P 1/2, R 1, F1 2/3; the other 77 classes count as 0.
     truth = {"a": [0, 1], "b": [0], "c": [2], "d": []}
     preds = {"a": [0], "b": [0, 1], "c": [2], "d": [2]}
     labels = tmp_path / "labels"
     labels.mkdir()
     for stem, classes in truth.items():
         (labels / f"{stem}.cls").write_text("".join(f"{c}\n" for c in classes))
-    (tmp_path / "pred.json").write_text(__import__("json").dumps(preds))
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
     scores = evaluate(tmp_path / "pred.json", labels)
-    assert scores["f1_macro"] == pytest.approx((1 + 0 + 2 / 3) / 80)
-    assert scores["precision_macro"] == pytest.approx((1 + 0 + 0.5) / 80)
-    assert scores["recall_macro"] == pytest.approx((1 + 0 + 1) / 80)
-    assert scores["f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))  # tp 3, fp 2, fn 1
-
-
-def test_macro_f1_grid_matches_torchmetrics():
-    generator = torch.Generator().manual_seed(0)
-    probs = torch.rand(50, 6, generator=generator)
-    targets = (torch.rand(50, 6, generator=generator) < 0.3).long()
-    grid = torch.tensor([0.1, 0.5, 0.8])
-    ours = macro_f1_at(probs, targets, grid)
-    for t, score in zip(grid, ours, strict=True):
-        expected = multilabel_f1_score(probs, targets, num_labels=6, threshold=float(t), average="macro")
-        assert score == pytest.approx(float(expected), abs=1e-6)
-
-
-def test_tuner_recovers_the_known_best_threshold():
-    # positives score 0.35..0.45, negatives 0.05..0.25: every cut in (0.25, 0.35) is perfect
-    generator = torch.Generator().manual_seed(0)
-    targets = (torch.rand(400, 5, generator=generator) < 0.4).long()
-    noise = torch.rand(400, 5, generator=generator) * 0.1
-    probs = torch.where(targets.bool(), 0.35 + noise, 0.05 + 2 * noise)
-    threshold, score = best_global_threshold(probs, targets, torch.linspace(0.02, 0.98, 97))
-    assert 0.25 <= threshold < 0.35 and score == pytest.approx(1.0)
-    assert hard_scores((probs > 0.5).long(), targets)["f1_macro"] == 0.0  # 0.5 would miss everything
+    assert scores["macro_f1"] == pytest.approx((1 + 0 + 2 / 3) / 80)
+    assert scores["macro_precision"] == pytest.approx((1 + 0 + 0.5) / 80)
+    assert scores["macro_recall"] == pytest.approx((1 + 0 + 1) / 80)
+    assert scores["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))  # TP 3, FP 2, FN 1

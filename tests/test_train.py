@@ -35,16 +35,39 @@ def test_training_writes_best_and_last_checkpoints_and_the_split(trained):
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["train"]) == 36 and len(split["val"]) == 12
     assert summary["best_checkpoint"].endswith("best.ckpt") and 0 <= summary["best_score"] <= 1
-    for key in ("val/f1_macro", "val/precision_macro", "val/recall_macro", "val/f1_micro", "val/map"):
-        assert key in summary
+    for name in ("macro_f1", "macro_precision", "macro_recall", "micro_f1", "cf1", "invfreq_f1", "map"):
+        assert f"val/{name}" in summary  # at 0.5
+    for name in ("macro_f1_tuned", "cf1_tuned", "macro_f1_xfit", "threshold"):
+        assert f"val/{name}" in summary
+    assert {"train/macro_f1", "train/map"} <= summary_keys_logged(run_dir)
 
 
-def test_checkpoint_carries_the_tuned_threshold(trained):
+def summary_keys_logged(run_dir):
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    return set(header.split(","))
+
+
+def test_checkpoint_and_thresholds_json_carry_the_tuned_thresholds(trained):
     run_dir, summary = trained
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
     tuned = checkpoint["threshold_tuning"]
-    assert checkpoint["state_dict"]["thresholds"].unique().tolist() == [pytest.approx(tuned["threshold"])]
-    assert tuned["score"] == pytest.approx(summary["best_score"])
+    assert tuned["mode"] == "global" and tuned["objective"] == "macro_f1"
+    assert len(tuned["thresholds"]) == 80 and len(tuned["support"]) == 80
+    assert sum(tuned["support"]) > 0
+    assert checkpoint["state_dict"]["thresholds"].tolist() == pytest.approx(tuned["thresholds"])
+    assert tuned["score_xfit"] == pytest.approx(summary["best_score"])  # the checkpoint monitor
+    assert (
+        json.loads((run_dir / "checkpoints" / "thresholds.json").read_text())["thresholds"]
+        == tuned["thresholds"]
+    )
+
+
+def test_per_class_mode_logs_both_kinds_of_threshold(train_cfg):
+    summary = train(train_cfg("thresholds.mode=per_class", "thresholds.min_positives=1"))
+    for name in ("macro_f1_tuned", "macro_f1_xfit", "macro_f1_tuned_global", "macro_f1_xfit_global"):
+        assert f"val/{name}" in summary
+    tuned = torch.load(summary["best_checkpoint"], weights_only=False)["threshold_tuning"]
+    assert tuned["mode"] == "per_class" and len(tuned["thresholds"]) == 80
 
 
 def test_resume_continues_the_epoch_count(trained, train_cfg, tmp_path):
@@ -80,7 +103,7 @@ def test_submit_covers_every_test_image_and_obeys_the_threshold(trained, tiny_ro
     assert sorted(predictions) == stems
     assert all(v == sorted(set(v)) and len(v) >= 1 for v in predictions.values())
     # the scorer accepts it against the held-back labels
-    assert 0 <= evaluate(path, tiny_root / "labels" / "test")["f1_macro"] <= 1
+    assert 0 <= evaluate(path, tiny_root / "labels" / "test")["macro_f1"] <= 1
 
     everything = json.loads(
         submit(ckpt, str(tiny_root), str(tmp_path / "all.json"), threshold=0.0, **common).read_text()

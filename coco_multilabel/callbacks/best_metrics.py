@@ -11,7 +11,7 @@ class BestMetrics(L.Callback):
     Its state travels in the checkpoints, so a resumed run still knows its best epoch.
     """
 
-    def __init__(self, monitor: str = "val/f1_macro_tuned", mode: str = "max"):
+    def __init__(self, monitor: str = "val/macro_f1_xfit", mode: str = "max"):
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.monitor, self.mode = monitor, mode

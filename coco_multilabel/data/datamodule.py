@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from coco_multilabel.classes import NUM_CLASSES
-from coco_multilabel.data.datasets import CocoImages, labelled_stems, list_images
+from coco_multilabel.data.datasets import CocoImages, labelled_stems
+from coco_multilabel.data.feature_cache import CachedFeatures, build_or_load
 from coco_multilabel.data.transforms import eval_transform, train_transform
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_json_atomic
@@ -75,7 +76,11 @@ def load_or_make_split(split_file: Path | None, stems: list[str], val_fraction: 
 
 
 class CocoDataModule(L.LightningDataModule):
-    """Labelled images split into train/val, test images for prediction."""
+    """Labelled images split into train and val (submit reads the test images itself).
+
+    After ``use_feature_cache(backbone, cfg)`` it serves cached backbone features instead of
+    images (see feature_cache.py): for training the head of a frozen backbone.
+    """
 
     def __init__(
         self,
@@ -86,8 +91,12 @@ class CocoDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         split_file: str | None = None,
+        augment: bool = True,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip_prob: float = 0.5,
+        cache_features: bool = False,
+        cache_dir: str = "outputs/cache",
+        cache_flip: bool = True,
         num_classes: int = NUM_CLASSES,
     ):
         super().__init__()
@@ -95,47 +104,58 @@ class CocoDataModule(L.LightningDataModule):
         self.split_file = Path(split_file) if split_file else None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.split: dict | None = None
+        self._backbone = None
+
+    def use_feature_cache(self, backbone: torch.nn.Module, backbone_cfg: dict) -> None:
+        """Serve features of this (frozen) backbone, cached on disk, instead of images."""
+        self._backbone, self._backbone_cfg = backbone, backbone_cfg
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        if stage in ("fit", "validate", None) and self.split is None:
-            root = check_data_root(hp.root)
-            self.split = load_or_make_split(self.split_file, labelled_stems(root), hp.val_fraction, hp.seed)
-            log.info("split: %d train, %d val images", len(self.split["train"]), len(self.split["val"]))
-            self.train_set = CocoImages.labelled(
-                root,
-                self.split["train"],
-                train_transform(image_size=hp.image_size, crop_scale=hp.crop_scale, hflip_prob=hp.hflip_prob),
-                hp.num_classes,
-            )
-            self.val_set = CocoImages.labelled(
-                root, self.split["val"], eval_transform(image_size=hp.image_size), hp.num_classes
-            )
-        if stage == "predict":
-            root = check_data_root(hp.root, need=("images/test",))
-            self.predict_set = CocoImages(
-                list_images(root / "images" / "test"), None, eval_transform(image_size=hp.image_size)
-            )
+        if stage not in ("fit", "validate", None) or self.split is not None:
+            return
+        root = check_data_root(hp.root)
+        self.split = load_or_make_split(self.split_file, labelled_stems(root), hp.val_fraction, hp.seed)
+        log.info("split: %d train, %d val images", len(self.split["train"]), len(self.split["val"]))
+        evaluate = eval_transform(image_size=hp.image_size)
+        augment = train_transform(
+            image_size=hp.image_size, crop_scale=hp.crop_scale, hflip_prob=hp.hflip_prob
+        )
+        # decode at reduced scale, keeping enough pixels for the smallest random crop
+        train_side = int(hp.image_size / hp.crop_scale[0] ** 0.5) if hp.augment else hp.image_size
+        self.train_set = CocoImages.labelled(
+            root,
+            self.split["train"],
+            augment if hp.augment else evaluate,
+            hp.num_classes,
+            min_side=train_side,
+        )
+        self.val_set = CocoImages.labelled(root, self.split["val"], evaluate, hp.num_classes, hp.image_size)
+        if self._backbone is not None:
+            images = sorted(self.train_set.image_paths + self.val_set.image_paths, key=lambda p: p.stem)
+            cache = build_or_load(
+                hp.cache_dir, images, self._backbone, self._backbone_cfg, evaluate,
+                flip=hp.cache_flip, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
+            )  # fmt: skip
+            self.train_set = CachedFeatures(cache, self.train_set.stems, self.train_set.targets, hp.augment)
+            self.val_set = CachedFeatures(cache, self.val_set.stems, self.val_set.targets)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.train_set, shuffle=True, drop_last=len(self.train_set) > self.hparams.batch_size
-        )
+        drop_last = len(self.train_set) > self.hparams.batch_size
+        return self._loader(self.train_set, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set)
-
     def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers  # memory-mapped rows
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 

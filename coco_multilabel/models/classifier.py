@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -16,9 +15,6 @@ from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import metric_collection
 
-# A class absent from a (small) val set is expected; metrics.py documents how it is counted.
-warnings.filterwarnings("ignore", message="No positive samples found in target")
-
 
 def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -28,8 +24,8 @@ class MultiLabelClassifier(L.LightningModule):
     """Multi-label classifier. ``backbone``, ``optimizer``, ``scheduler`` and ``loss`` are Hydra
     configs (dicts with ``_target_``), kept in the checkpoint so that it rebuilds the model alone.
 
-    The decision thresholds are a buffer, so they travel inside every checkpoint; the threshold
-    tuning callback sets them at each validation.
+    The decision thresholds are a buffer, so they travel inside every checkpoint; the
+    ThresholdTuner callback sets them, and logs the val metrics, at each validation.
     """
 
     def __init__(
@@ -58,9 +54,7 @@ class MultiLabelClassifier(L.LightningModule):
             self.backbone.requires_grad_(False)
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        metrics = metric_collection(num_classes)
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
+        self.train_metrics = metric_collection(num_classes).clone(prefix="train/")
 
     def train(self, mode: bool = True):
         """A frozen backbone stays in eval mode: its batch-norm statistics must not drift."""
@@ -70,6 +64,9 @@ class MultiLabelClassifier(L.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of images (N x 3 x H x W), or of backbone features (N x D) from the feature cache."""
+        if images.dim() == 2:
+            return self.head(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_backbone):
@@ -88,13 +85,9 @@ class MultiLabelClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         images, targets = batch
         logits = self(images)
-        probs = logits.sigmoid()
-        self.val_metrics.update(probs, targets.long())
-        self.log(
-            "val/loss", self.criterion(logits, targets), on_epoch=True, prog_bar=True, batch_size=len(images)
-        )
-        self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
-        return {"probs": probs, "targets": targets}  # for the threshold tuner
+        loss = self.criterion(logits, targets)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(images))
+        return {"probs": logits.sigmoid(), "targets": targets}  # the ThresholdTuner scores the epoch
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).sigmoid()

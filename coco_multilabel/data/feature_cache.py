@@ -1,0 +1,142 @@
+"""A frozen backbone's features, computed once per image and memory-mapped from disk.
+
+With a frozen backbone every epoch recomputes the same features; the head trains on cached ones
+in a fraction of the time, and a sweep over head settings (lr, dropout, loss, epochs,
+thresholds) reuses the cache. The key covers everything that changes a feature: the backbone's
+config and weights file, the eval transform, the flip copy, and the exact images (path, size,
+mtime); any change builds a new cache in a new folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from coco_multilabel.data.datasets import CocoImages
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(backbone_cfg: dict, transform, image_paths: list[Path], flip: bool) -> str:
+    """A hash of everything that determines the cached features."""
+    weights_file = backbone_cfg.get("weights_file")
+    parts = {
+        "backbone": backbone_cfg,
+        "weights_file": _file_identity(Path(weights_file)) if weights_file else None,
+        "transform": repr(transform),
+        "flip": flip,
+        "images": [_file_identity(p) for p in image_paths],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class FeatureCache:
+    stems: list[str]
+    features: np.ndarray  # N x D, memory-mapped
+    flipped: np.ndarray | None  # features of the horizontally flipped images, or None
+
+    @classmethod
+    def load(cls, folder: Path) -> FeatureCache:
+        flipped = folder / "flipped.npy"
+        return cls(
+            json.loads((folder / "stems.json").read_text()),
+            np.load(folder / "features.npy", mmap_mode="r"),
+            np.load(flipped, mmap_mode="r") if flipped.exists() else None,
+        )
+
+
+def build_or_load(
+    cache_dir: str | Path,
+    image_paths: list[Path],
+    backbone: nn.Module,
+    backbone_cfg: dict,
+    transform,
+    flip: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> FeatureCache:
+    """The cache for these images, built on first use into a temporary folder renamed into place."""
+    key = cache_key(backbone_cfg, transform, image_paths, flip)
+    folder = Path(cache_dir) / key
+    if (folder / "stems.json").exists():
+        log.info("feature cache hit: %s", folder)
+        return FeatureCache.load(folder)
+    tmp = folder.with_name(f".{key}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        loader = DataLoader(
+            CocoImages(image_paths, transform=transform),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            generator=torch.Generator(),  # leave the global RNG, and so the training run, untouched
+        )
+        files = {"features.npy": False, **({"flipped.npy": True} if flip else {})}
+        arrays = {}
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            start = 0
+            for images, _ in track(loader, description=f"caching features of {len(image_paths)} images"):
+                images = images.contiguous(memory_format=torch.channels_last)
+                for name, flipped in files.items():
+                    out = backbone(images.flip(-1) if flipped else images).float().numpy()
+                    if name not in arrays:
+                        arrays[name] = np.lib.format.open_memmap(
+                            tmp / name, mode="w+", dtype=np.float32, shape=(len(image_paths), out.shape[1])
+                        )
+                    arrays[name][start : start + len(out)] = out
+                start += len(images)
+        backbone.train(was_training)
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        (tmp / "stems.json").write_text(json.dumps([p.stem for p in image_paths]))
+        (tmp / "key.json").write_text(
+            json.dumps({"backbone": backbone_cfg, "transform": repr(transform)}, default=str)
+        )
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process built the same cache meanwhile: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("feature cache built: %s", folder)
+    return FeatureCache.load(folder)
+
+
+class CachedFeatures(Dataset):
+    """(feature, target) pairs for ``stems`` of a cache; ``augment`` picks the flipped copy half the time."""
+
+    def __init__(
+        self, cache: FeatureCache, stems: list[str], targets: list[torch.Tensor], augment: bool = False
+    ):
+        index = {stem: i for i, stem in enumerate(cache.stems)}
+        self.rows = [index[s] for s in stems]
+        self.cache, self.targets = cache, targets
+        self.augment = augment and cache.flipped is not None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        source = self.cache.flipped if self.augment and torch.rand(()) < 0.5 else self.cache.features
+        return torch.from_numpy(np.array(source[self.rows[i]])), self.targets[i]
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torchmetrics.functional.classification import multilabel_f1_score
+
+from coco_multilabel.callbacks.thresholds import (
+    GRID,
+    ThresholdTuner,
+    count_table,
+    cross_fit,
+    objective_of,
+    score_at,
+    tune_global,
+    tune_per_class,
+)
+
+
+def separable(n=400, classes=5, low=0.05, gap=(0.35, 0.45), seed=0):
+    """Positives score in ``gap``, negatives below 0.25: any cut in (0.25, gap[0]) is perfect."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(n, classes, generator=generator) < 0.4).long()
+    noise = torch.rand(n, classes, generator=generator)
+    probs = torch.where(targets.bool(), gap[0] + (gap[1] - gap[0]) * noise, low + 0.2 * noise)
+    return probs, targets
+
+
+def test_grid_scores_match_torchmetrics():
+    probs, targets = separable()
+    probs = probs + 0.3 * torch.rand(probs.shape, generator=torch.Generator().manual_seed(1))
+    scores = objective_of(count_table(probs, targets), "macro_f1")
+    for i in (10, 40, 70):
+        expected = multilabel_f1_score(
+            probs, targets, num_labels=5, threshold=float(GRID[i]), average="macro"
+        )
+        assert float(scores[i]) == pytest.approx(float(expected), abs=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["macro_f1", "cf1", "micro_f1"])
+def test_global_tuning_recovers_the_known_best_threshold(objective):
+    probs, targets = separable()
+    tuning = tune_global(probs, targets, objective)
+    assert 0.25 <= tuning.global_threshold < 0.35 and tuning.score == pytest.approx(1.0)
+    assert score_at(probs, targets, torch.tensor(0.5), objective) == 0.0  # 0.5 would miss everything
+
+
+@pytest.mark.parametrize("objective", ["macro_f1", "cf1", "micro_f1"])
+def test_per_class_tuning_finds_each_class_its_own_cut(objective):
+    low, targets_low = separable(classes=1, gap=(0.35, 0.45), seed=2)  # best cut in (0.25, 0.35)
+    high, targets_high = separable(classes=1, low=0.55, gap=(0.9, 0.95), seed=3)  # best cut in (0.75, 0.9)
+    probs, targets = torch.cat([low, high], 1), torch.cat([targets_low, targets_high], 1)
+    assert tune_global(probs, targets, objective).score < 1.0  # no single cut separates both
+    tuning = tune_per_class(probs, targets, objective, min_positives=1, shrinkage=0.0)
+    assert 0.25 <= tuning.thresholds[0] < 0.35 and 0.75 <= tuning.thresholds[1] < 0.9
+    assert tuning.score == pytest.approx(1.0)
+
+
+def test_per_class_thresholds_shrink_toward_the_global_one():
+    probs, targets = separable(classes=1, low=0.55, gap=(0.9, 0.95), seed=3)
+    glob = tune_global(probs, targets).global_threshold
+    raw = float(tune_per_class(probs, targets, shrinkage=0.0).thresholds[0])
+    n = int(targets.sum())
+    shrunk = float(tune_per_class(probs, targets, shrinkage=n).thresholds[0])  # k = n: half way
+    assert shrunk == pytest.approx((raw + glob) / 2, abs=1e-5)
+
+
+def test_rare_classes_keep_the_global_threshold():
+    probs, targets = separable(classes=3, seed=4)
+    targets[:, 2] = 0
+    targets[:3, 2] = 1  # 3 positives, fewer than min_positives
+    probs[:3, 2] = 0.99
+    tuning = tune_per_class(probs, targets, min_positives=5)
+    assert float(tuning.thresholds[2]) == pytest.approx(tuning.global_threshold)
+
+
+def test_cross_fitting_never_tunes_and_scores_on_the_same_sample():
+    n = 101
+    ids = torch.arange(n, dtype=torch.float).unsqueeze(1)  # column 0 identifies each sample
+    probs, targets = torch.cat([ids, torch.rand(n, 2)], 1), torch.zeros(n, 3)
+    seen = []
+
+    def tune_fn(p, t):
+        seen.append(("tune", set(p[:, 0].tolist())))
+        return torch.full((3,), 0.5)
+
+    def score_fn(p, t, thresholds):
+        seen.append(("score", set(p[:, 0].tolist())))
+        return float(len(p))
+
+    assert cross_fit(probs, targets, tune_fn, score_fn) == pytest.approx(n / 2)
+    (_, tune_a), (_, score_a), (_, tune_b), (_, score_b) = seen
+    assert not tune_a & score_a and not tune_b & score_b
+    assert tune_a | score_a == set(range(n)) and tune_a == score_b and tune_b == score_a
+
+
+def test_tuner_refuses_unknown_settings():
+    with pytest.raises(ValueError, match="objective"):
+        ThresholdTuner(objective="accuracy")
+    with pytest.raises(ValueError, match="mode"):
+        ThresholdTuner(mode="per_image")
