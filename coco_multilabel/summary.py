@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -38,6 +40,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
                 "status": "pending",
                 "overrides": OmegaConf.to_container(OmegaConf.load(overrides_file)),
             }
+        if result["status"] == "running" and not _alive(result):
+            result["status"] = "interrupted"  # killed: a relaunch of the sweep resumes it
         rows.append({"job": job_dir.name, **result})
     sign = -1 if all(r.get("objective_mode", "max") == "max" for r in rows) else 1
     scored = sorted(
@@ -103,6 +107,19 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         if Path(config.hydra.sweep.dir).is_dir():
             write_summary(config.hydra.sweep.dir)
+
+
+def _alive(result: dict) -> bool:
+    """Whether a running job's process still exists (only checkable on the machine it runs on)."""
+    if result.get("host") != socket.gethostname() or not result.get("pid"):
+        return True
+    try:
+        os.kill(result["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _job_order(path: Path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -53,7 +55,7 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | Non
     record["resumed_from"] = cfg.ckpt_path
     with job_device(cfg) as device:  # a job waiting for a device shows as pending in the summary
         start = time.perf_counter()
-        record.update(device=device, started=_now())
+        record.update(device=device, started=_now(), host=socket.gethostname(), pid=os.getpid())
         _write(run_dir, record)
         try:
             summary = train(cfg)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from coco_multilabel.errors import UserError
+from coco_multilabel.summary import write_summary
 from coco_multilabel.sweep import check_one_device, run_job
 from coco_multilabel.train import train
 from tests.conftest import TINY
@@ -87,6 +88,9 @@ def test_a_killed_multirun_relaunched_skips_finished_jobs_and_resumes_the_rest(t
     assert json.loads((sweep / "1" / "result.json").read_text())["status"] == "running"
     assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
     assert not (sweep / "2" / "result.json").exists()
+    write_summary(sweep)  # make sweep-report after the crash
+    assert [(r["job"], r["status"]) for r in read_csv(sweep / "summary.csv")] == [
+        ("0", "done"), ("1", "interrupted")]  # fmt: skip
     best_0 = (sweep / "0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
 
     second = cli(*args, cwd=tmp_path, new_session=True)
