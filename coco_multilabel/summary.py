@@ -55,7 +55,8 @@ TRAILING = ["epochs", "wall_s", "device", "best_checkpoint"]
 
 
 def tables(rows: list[dict]) -> tuple[str, str]:
-    """The CSV (every override, every val metric) and the Markdown (only what differs between jobs)."""
+    """The CSV (every override, every val metric) and the Markdown (what differs between jobs, and
+    the F1 metrics at tuned thresholds)."""
     metrics = sorted({k for r in rows for k in r if k.startswith("val/")})
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
     records = [
@@ -77,12 +78,20 @@ def tables(rows: list[dict]) -> tuple[str, str]:
     lines = [f"# Sweep summary: {len(rows)} jobs, sorted by {objective}", ""]
     if shared:
         lines += ["Shared overrides: `" + " ".join(sorted(shared)) + "`", ""]
-    head = [*COLUMNS, *metrics, *TRAILING]
+    head = [*COLUMNS, *markdown_metrics(metrics, objective), *TRAILING]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r, record in zip(rows, records, strict=True):
         record = {**record, "overrides": " ".join(o for o in r["overrides"] if o not in shared)}
         lines.append("| " + " | ".join(_cell(record[k]) for k in head) + " |")
     return out.getvalue(), "\n".join(lines) + "\n"
+
+
+def markdown_metrics(metrics: list[str], objective: str) -> list[str]:
+    """A readable table: the objective, mAP and the F1s at tuned or cross-fitted thresholds."""
+    wanted = [
+        m for m in metrics if m in (objective, "val/map") or ("f1" in m and m.endswith(("_tuned", "_xfit")))
+    ]
+    return wanted or metrics
 
 
 def write_summary(sweep_dir: str | Path) -> Path:

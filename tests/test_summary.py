@@ -18,7 +18,8 @@ def job(sweep, name, **result):
 
 def test_rows_are_sorted_by_the_objective_with_unfinished_jobs_last(tmp_path):
     common = ["data.root=/d"]
-    job(tmp_path, "0", status="done", overrides=[*common, "lr=1"], best_score=0.4, **{"val/map": 0.5},
+    metrics = {"val/map": 0.5, "val/loss": 0.3}
+    job(tmp_path, "0", status="done", overrides=[*common, "lr=1"], best_score=0.4, **metrics,
         objective="val/macro_f1_xfit", epochs=2, wall_s=10.0, best_checkpoint="0/best.ckpt")  # fmt: skip
     job(tmp_path, "1", status="failed", overrides=[*common, "lr=2"], error="RuntimeError: boom")
     job(tmp_path, "2", overrides=[*common, "lr=3"])  # started, nothing written yet
@@ -32,6 +33,7 @@ def test_rows_are_sorted_by_the_objective_with_unfinished_jobs_last(tmp_path):
     assert [r["rank"] for r in rows] == ["1", "2", "", ""]
     assert rows[0]["overrides"] == "data.root=/d lr=4" and rows[0]["val/map"] == "0.6"
     assert rows[1]["epochs"] == "2" and rows[1]["best_checkpoint"] == "0/best.ckpt"
+    assert rows[1]["val/loss"] == "0.3" and "val/loss" not in markdown  # the Markdown keeps F1s and mAP
     assert "sorted by val/macro_f1_xfit" in markdown and "Shared overrides: `data.root=/d`" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| ")][2:]
     expected = [
