@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coco_multilabel.devices import acquire_device, visible_devices
-from coco_multilabel.sweep import pool_devices
+from coco_multilabel.sweep import job_device, pool_devices
 
 
 def _job(number: int, ids: list[str], lock_dir: str, log_dir: str) -> None:
@@ -54,3 +54,48 @@ def test_pool_keys_are_physical_ids_and_indices_what_cuda_sees(monkeypatch):
 def test_acquire_needs_a_device(tmp_path):
     with pytest.raises(ValueError), acquire_device([], tmp_path):
         pass
+
+
+@pytest.fixture
+def multirun_cfg(tmp_path):
+    """A composed train config, registered as the config of a running multirun job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from coco_multilabel.config import CONFIG_DIR
+
+    def make(*overrides):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=["hydra.mode=MULTIRUN", f"device_pool.lock_dir={tmp_path}",
+                                              *overrides], return_hydra_config=True)  # fmt: skip
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    saved = HydraConfig.instance().cfg
+    yield make
+    HydraConfig.instance().cfg = saved
+
+
+def test_gpu_jobs_train_on_the_device_they_hold(multirun_cfg, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    first, second = (multirun_cfg("trainer=gpu") for _ in range(2))
+    with job_device(first) as held_first, job_device(second) as held_second:
+        assert (held_first, list(first.trainer.devices)) == ("3", [0])
+        assert (held_second, list(second.trainer.devices)) == ("5", [1])
+    with job_device(second) as held:  # both freed
+        assert held == "3"
+
+
+def test_cpu_and_slurm_jobs_bypass_the_pool(multirun_cfg, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with job_device(multirun_cfg("trainer=cpu")) as held:
+        assert held is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    cfg = multirun_cfg("trainer=gpu", "hydra/launcher=slurm")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+    with job_device(cfg) as held:  # SLURM placed the job on its GPU
+        assert held is None and cfg.trainer.devices == 1
+
+
+def test_the_parallel_launcher_runs_one_job_per_device(multirun_cfg):
+    assert multirun_cfg("device_pool.ids=[0,1,2]").hydra.launcher.n_jobs == 3
