@@ -4,10 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= data/ms-coco
 OUT ?= submission.json
+BENCH_DATA ?= ../shared/coco-dev
 ARGS ?=
 SWEEP ?= backbones
 
-.PHONY: install demo test train sweep sweep-report submit evaluate lint clean
+.PHONY: install demo test check-data train sweep sweep-report submit evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,9 @@ demo: install  ## synthetic data -> train the default backbone -> submission JSO
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
+check-data: install  ## make check-data DATA=data/ms-coco [ARGS=--full]: counts and first files of each problem
+	$(PY) -m coco_multilabel.check_data $(DATA) $(ARGS)
+
 train: install  ## make train DATA=data/ms-coco ARGS="backbone=resnet50 trainer.max_epochs=5"
 	$(PY) -m coco_multilabel.train data.root=$(DATA) $(ARGS)
 
@@ -37,6 +41,9 @@ submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt D
 
 evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt)
 	$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
+
+bench: install  ## make bench [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5"]; writes outputs/bench/bench.md
+	$(PY) -m coco_multilabel.bench --data $(BENCH_DATA) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check coco_multilabel tests

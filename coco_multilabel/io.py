@@ -2,28 +2,83 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it."""
+from coco_multilabel.errors import UserError
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it.
+
+    Beside, not in /tmp: a rename is only atomic within one file system.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on device to write {path}; free space and run again") from err
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj, **dumps_kwargs) -> Path:
     return write_text_atomic(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """A SIGKILL between mkstemp and rename leaves a ``.<name>.*.tmp``; checkpoints are big enough
+    for those to fill a disk, so each save clears what a killed one left behind."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a power cut could otherwise undo it); not possible everywhere."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: ``last.ckpt`` and ``best.ckpt`` are replaced by a
+    rename, so a run killed mid-save still has the previous checkpoint to resume from.
+
+    Lightning's own writer opens the target path directly (or, through fsspec, a temporary file in
+    /tmp that is then copied across file systems, without an fsync).
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        remove_stale_temporaries(Path(path).parent)
+        write_bytes_atomic(path, buffer.getbuffer())

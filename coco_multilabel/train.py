@@ -15,10 +15,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from coco_multilabel.callbacks.best_metrics import BestMetrics
+from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.config import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datamodule import check_data_root
 from coco_multilabel.errors import UserError
-from coco_multilabel.io import write_json_atomic
+from coco_multilabel.io import AtomicCheckpointIO, write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.classifier import read_checkpoint
 from coco_multilabel.sweep import run_job
@@ -47,7 +48,10 @@ def train(cfg: DictConfig) -> dict:
         datamodule.use_feature_cache(model.backbone, OmegaConf.to_container(cfg.backbone, resolve=True))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # not a config option: a checkpoint half-written by a killed run is never wanted
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return summarize(trainer, cfg)
 
@@ -60,6 +64,12 @@ def check_resumable(cfg: DictConfig) -> None:
         raise UserError(
             f"{cfg.ckpt_path} was trained with backbone {saved['backbone']}, "
             f"but this run asks for {wanted}; resume with the same backbone settings"
+        )
+    classes = cfg.model.get("num_classes", NUM_CLASSES)
+    if saved.get("num_classes", NUM_CLASSES) != classes:
+        raise UserError(
+            f"{cfg.ckpt_path} predicts {saved.get('num_classes')} classes, but this run has {classes}; "
+            "resume with the same model.num_classes or start a new run"
         )
 
 

@@ -34,7 +34,8 @@ def test_split_file_is_written_then_reused(tiny_root, tmp_path):
 def test_batches_have_images_and_multi_hot_targets(tiny_root):
     dm = CocoDataModule(root=str(tiny_root), image_size=32, batch_size=4, num_workers=0)
     dm.setup("fit")
-    images, targets = next(iter(dm.train_dataloader()))
+    images, targets, kept = next(iter(dm.train_dataloader()))
+    assert kept.tolist() == [True] * 4
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert targets.shape == (4, 80) and set(targets.unique().tolist()) <= {0.0, 1.0}
     assert (targets.sum(1) >= 1).all()  # every synthetic image holds at least one object

@@ -1,7 +1,11 @@
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coco_multilabel.errors import UserError
 from coco_multilabel.submission import (
@@ -56,3 +60,43 @@ def test_invalid_predictions_never_reach_the_disk(tmp_path):
     with pytest.raises(UserError):
         write_submission(tmp_path / "out.json", {STEMS[0]: [1]}, STEMS)
     assert not any(tmp_path.iterdir())
+
+
+STEM = st.integers(0, 10**12 - 1).map(lambda i: f"{i:012d}")
+CLASSES = st.lists(st.integers(0, 79), unique=True, max_size=8)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.dictionaries(STEM, CLASSES, min_size=1, max_size=20))
+def test_written_predictions_read_back_identically(predictions):
+    stems = sorted(predictions)
+    normalised = {stem: sorted(classes) for stem, classes in predictions.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_submission(Path(folder) / "out.json", normalised, stems)
+        assert read_submission(path, stems) == normalised
+        assert path.read_text() == json.dumps(normalised, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    st.dictionaries(STEM, CLASSES, min_size=1, max_size=10),
+    st.sampled_from(["unsorted", "duplicate", "out_of_range", "missing", "extension"]),
+)
+def test_broken_predictions_are_refused_before_the_disk(predictions, defect):
+    stems = sorted(predictions)
+    broken = {stem: sorted(classes) for stem, classes in predictions.items()}
+    first = stems[0]
+    if defect == "unsorted":
+        broken[first] = [79, 0]
+    elif defect == "duplicate":
+        broken[first] = [5, 5]
+    elif defect == "out_of_range":
+        broken[first] = [80]
+    elif defect == "missing":
+        del broken[first]
+    else:
+        broken[f"{first}.jpg"] = broken.pop(first)
+    with tempfile.TemporaryDirectory() as folder:
+        with pytest.raises(UserError, match=first):
+            write_submission(Path(folder) / "out.json", broken, stems)
+        assert not any(Path(folder).iterdir())

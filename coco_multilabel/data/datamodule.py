@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from coco_multilabel.classes import NUM_CLASSES
-from coco_multilabel.data.datasets import CocoImages, labelled_stems
+from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad, labelled_stems
 from coco_multilabel.data.feature_cache import CachedFeatures, build_or_load
 from coco_multilabel.data.transforms import eval_transform, train_transform
 from coco_multilabel.errors import UserError
@@ -58,7 +58,7 @@ def make_split(stems: list[str], val_fraction: float, seed: int) -> dict:
 def load_or_make_split(split_file: Path | None, stems: list[str], val_fraction: float, seed: int) -> dict:
     """Read the run's ``split.json`` when it exists (resume, submit), else make and write it."""
     if split_file is not None and split_file.exists():
-        split = json.loads(split_file.read_text())
+        split = read_split(split_file)
         missing = sorted(set(split["train"] + split["val"]) - set(stems))
         if missing:
             raise UserError(
@@ -72,6 +72,20 @@ def load_or_make_split(split_file: Path | None, stems: list[str], val_fraction: 
     split = make_split(stems, val_fraction, seed)
     if split_file is not None:
         write_json_atomic(split_file, split, indent=1)
+    return split
+
+
+def read_split(split_file: Path) -> dict:
+    """A run's split, or a UserError: it is the one file of a run a user may be tempted to edit."""
+    try:
+        split = json.loads(split_file.read_text(encoding="utf-8"))
+        if not all(isinstance(split.get(key), list) for key in ("train", "val")):
+            raise ValueError('it needs the lists "train" and "val"')
+    except (ValueError, AttributeError, OSError) as err:
+        raise UserError(
+            f"{split_file} is not a valid split ({err}); restore it, or delete it to draw a new split "
+            "(the val images then change)"
+        ) from err
     return split
 
 
@@ -98,6 +112,7 @@ class CocoDataModule(L.LightningDataModule):
         cache_dir: str = "outputs/cache",
         cache_flip: bool = True,
         num_classes: int = NUM_CLASSES,
+        on_bad_image: str = "error",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["split_file"])
@@ -105,6 +120,8 @@ class CocoDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.split: dict | None = None
         self._backbone = None
+        # Counted here, in the main process: the workers that skip images cannot report to it.
+        self.skipped_images = 0
 
     def use_feature_cache(self, backbone: torch.nn.Module, backbone_cfg: dict) -> None:
         """Serve features of this (frozen) backbone, cached on disk, instead of images."""
@@ -129,8 +146,11 @@ class CocoDataModule(L.LightningDataModule):
             augment if hp.augment else evaluate,
             hp.num_classes,
             min_side=train_side,
+            on_bad_image=hp.on_bad_image,
         )
-        self.val_set = CocoImages.labelled(root, self.split["val"], evaluate, hp.num_classes, hp.image_size)
+        self.val_set = CocoImages.labelled(
+            root, self.split["val"], evaluate, hp.num_classes, hp.image_size, hp.on_bad_image
+        )
         if self._backbone is not None:
             images = sorted(self.train_set.image_paths + self.val_set.image_paths, key=lambda p: p.stem)
             cache = build_or_load(
@@ -139,6 +159,12 @@ class CocoDataModule(L.LightningDataModule):
             )  # fmt: skip
             self.train_set = CachedFeatures(cache, self.train_set.stems, self.train_set.targets, hp.augment)
             self.val_set = CachedFeatures(cache, self.val_set.stems, self.val_set.targets)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """Drop the ``kept`` mask of :func:`collate_skipping_bad`, counting what it left out."""
+        inputs, targets, kept = batch
+        self.skipped_images += int((~kept).sum())
+        return inputs, targets
 
     def train_dataloader(self) -> DataLoader:
         drop_last = len(self.train_set) > self.hparams.batch_size
@@ -157,6 +183,7 @@ class CocoDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_skipping_bad,
         )
 
 

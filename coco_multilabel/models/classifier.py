@@ -118,7 +118,13 @@ class MultiLabelClassifier(L.LightningModule):
         for key, empty in (("weights", None), ("pretrained", False), ("weights_file", None)):
             if key in backbone:
                 backbone[key] = empty  # the checkpoint holds the trained weights
-        model = cls(**{**hparams, "backbone": backbone})
+        try:
+            model = cls(**{**hparams, "backbone": backbone})
+        except Exception as err:  # a backbone this installation cannot build: name it
+            raise UserError(
+                f"{source} holds a {backbone.get('name') or backbone.get('_target_')} model that cannot be "
+                f"rebuilt here ({type(err).__name__}: {err}); is it from another project or version?"
+            ) from err
         try:
             model.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as err:

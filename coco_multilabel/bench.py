@@ -1,0 +1,219 @@
+"""``make bench``: how fast the data path, the feature cache, the default recipe and submit are.
+
+Measured on a real data root (default ``../shared/coco-dev``); ratios are taken within one run,
+since these machines are noisy. Prints one table and writes it to ``outputs/bench/bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from coco_multilabel.config import CONFIG_DIR
+from coco_multilabel.data.datamodule import CocoDataModule
+from coco_multilabel.io import write_text_atomic
+from coco_multilabel.models import MultiLabelClassifier
+
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def config(root: str, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[f"data.root={root}", "callbacks.progress_bar=null", *overrides])
+
+
+def datamodule(cfg, **overrides) -> CocoDataModule:
+    return instantiate(cfg.data, **overrides, _convert_="all")
+
+
+def build(cfg) -> MultiLabelClassifier:
+    return MultiLabelClassifier(backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=None, **cfg.model)
+
+
+def train_steps(model, batches, optimizer) -> float:
+    """Seconds for optimizer steps over ``batches`` (an iterable of (x, y))."""
+    model.train()
+    start = time.perf_counter()
+    count = 0
+    for x, y in batches:
+        loss = model.criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        count += len(x)
+    return count / (time.perf_counter() - start)
+
+
+def model_step_rate(cfg, steps: int) -> float:
+    """Training images/s of the model alone, on a batch already in memory."""
+    model = build(cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 80) < 0.05).float()
+    train_steps(model, [(x, y)] * 2, optimizer)  # warm-up
+    return train_steps(model, [(x, y)] * steps, optimizer)
+
+
+def pipeline_rate(cfg, steps: int) -> float:
+    """Training images/s from files: decode, augment, collate, step."""
+    model = build(cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    images = datamodule(cfg)
+    images.setup("fit")
+    loader = iter(images.train_dataloader())
+    train_steps(model, [next(loader) for _ in range(2)], optimizer)  # warm-up, workers started
+    return train_steps(model, (next(loader) for _ in range(steps)), optimizer)
+
+
+def frozen_epochs(cfg, cache_dir: Path) -> dict:
+    """One epoch of a frozen backbone's head: features computed on the fly versus from the cache."""
+    model = build(cfg)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    images = datamodule(cfg, augment=False)
+    images.setup("fit")
+    start = time.perf_counter()
+    train_steps(model, images.train_dataloader(), optimizer)
+    on_the_fly = time.perf_counter() - start
+    cached = datamodule(cfg, cache_dir=str(cache_dir))
+    cached.use_feature_cache(model.backbone, OmegaConf.to_container(cfg.backbone, resolve=True))
+    start = time.perf_counter()
+    cached.setup("fit")
+    build_time = time.perf_counter() - start
+    start = time.perf_counter()
+    train_steps(model, cached.train_dataloader(), optimizer)
+    from_cache = time.perf_counter() - start
+    return {"on_the_fly_s": on_the_fly, "cached_s": from_cache, "cache_build_s": build_time}
+
+
+def inference_modes(cfg) -> list[dict]:
+    """Eval images/s per memory format and precision, and how far their probabilities move."""
+    model = build(cfg).eval()
+    x = torch.randn(32, 3, cfg.data.image_size, cfg.data.image_size)
+    rows, reference = [], None
+    for name, channels_last, dtype in (("fp32", False, None), ("fp32 channels_last", True, None),
+                                       ("bf16 channels_last", True, torch.bfloat16)):  # fmt: skip
+        model.hparams.channels_last = channels_last
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            model(x)
+            start = time.perf_counter()
+            probs = torch.cat([model(x).float().sigmoid() for _ in range(3)])
+        rate = 3 * len(x) / (time.perf_counter() - start)
+        reference = probs if reference is None else reference
+        rows.append(
+            {"mode": name, "images_per_s": rate, "max_prob_change": float((probs - reference).abs().max())}
+        )
+    return rows
+
+
+def allocator_ratio(root: str, image_size: int) -> float:
+    """Model-only training speed with GLIBC_TUNABLES set, over without (fresh processes)."""
+    rates = []
+    for tunables in (None, GLIBC_TUNABLES):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        out = subprocess.run(
+            [sys.executable, "-m", "coco_multilabel.bench", "--data", root, "--only-model-step",
+             "--image-size", str(image_size)],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rates.append(float(out.stdout.strip().splitlines()[-1]))
+    return rates[1] / rates[0]
+
+
+def recipe(root: str, minutes: float, run_dir: Path) -> dict:
+    """The default recipe (embedded backbone) within a wall-clock budget."""
+    from coco_multilabel.train import train
+
+    cfg = config(
+        root, f"run_dir={run_dir}", f"trainer.max_time=00:00:{int(minutes)}:{int(minutes % 1 * 60):02d}"
+    )
+    start = time.perf_counter()
+    summary = train(cfg)
+    wall = time.perf_counter() - start
+    best = summary.get("best_val", {})
+    peak = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
+    return {"summary": summary, "wall_s": wall, "peak_rss_gib": peak / 2**20, "best": best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/coco-dev")
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per throughput figure")
+    parser.add_argument("--budget-minutes", type=float, default=15.0, help="the default recipe's budget")
+    parser.add_argument("--only-model-step", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    size = f"data.image_size={args.image_size}"
+    if args.only_model_step:
+        print(model_step_rate(config(args.data, size), args.steps))
+        return
+    out = Path(args.out)
+    rows = []
+
+    def add(what, value, note=""):
+        rows.append((what, value, note))
+        print(f"{what:<58} {value:>12}  {note}", flush=True)
+
+    finetune = config(args.data, size)
+    model_only = model_step_rate(finetune, args.steps)
+    pipeline = pipeline_rate(finetune, args.steps)
+    add("1. train step, model alone (images/s)", f"{model_only:.1f}", f"{args.image_size} px, fine-tuning")
+    add("   train step, files -> decode -> augment -> step", f"{pipeline:.1f}")
+    add("   pipeline efficiency", f"{pipeline / model_only:.2f}", "target >= 0.9")
+    add("   GLIBC_TUNABLES speed-up (model alone)", f"{allocator_ratio(args.data, args.image_size):.2f}x")
+    for row in inference_modes(finetune):
+        add(f"   eval {row['mode']} (images/s)", f"{row['images_per_s']:.1f}",
+            f"max prob change {row['max_prob_change']:.1e}")  # fmt: skip
+    frozen = frozen_epochs(config(args.data, size, "model.freeze_backbone=true"), out / "cache")
+    add("2. frozen-backbone epoch, on the fly (s)", f"{frozen['on_the_fly_s']:.1f}")
+    add("   frozen-backbone epoch, from the feature cache (s)", f"{frozen['cached_s']:.2f}")
+    add("   cache speed-up", f"{frozen['on_the_fly_s'] / frozen['cached_s']:.0f}x", "target >= 20x")
+    add("   cache build, once (s)", f"{frozen['cache_build_s']:.1f}", "with flipped copies")
+    run = recipe(args.data, args.budget_minutes, out / "recipe")
+    best = run["best"]
+    nan = float("nan")
+    add(f"3. default recipe, {args.budget_minutes:g} min budget: val macro F1 tuned",
+        f"{best.get('macro_f1_tuned', nan):.3f}", f"at 0.5: {best.get('macro_f1', nan):.3f}")  # fmt: skip
+    add("   val macro F1 cross-fitted", f"{best.get('macro_f1_xfit', nan):.3f}")
+    add("   val mAP", f"{best.get('map', nan):.3f}")
+    add("   wall time (s)", f"{run['wall_s']:.0f}", f"{run['summary']['epochs']} epochs")
+    add("   peak memory (GiB)", f"{run['peak_rss_gib']:.1f}", "this process + workers")
+    from coco_multilabel.submit import submit
+
+    start = time.perf_counter()
+    path = submit(
+        run["summary"]["best_checkpoint"], args.data, str(out / "submission.json"), progress_bar=False
+    )
+    n_test = len(json.loads(path.read_text()))
+    add(f"4. submit, {n_test} test images (s)", f"{time.perf_counter() - start:.1f}", "target < 15 s")
+    table = [
+        "| measurement | value | note |",
+        "| --- | ---: | --- |",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+    ]
+    command = " ".join(["python -m coco_multilabel.bench", *sys.argv[1:]])
+    text = f"# make bench\n\n`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}\n\n"
+    text += "\n".join(table) + "\n"
+    print(f"written to {write_text_atomic(out / 'bench.md', text)}")
+
+
+if __name__ == "__main__":
+    main()

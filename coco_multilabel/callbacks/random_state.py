@@ -1,0 +1,61 @@
+"""Crash-safe resume: a run resumed from ``last.ckpt`` should be the run that was never stopped."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+
+
+def random_states() -> dict:
+    """The global generators' states as tensors, lists and numbers: Lightning loads checkpoints with
+    ``weights_only=True``, which refuses numpy arrays."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RandomStateCheckpoint(L.Callback):
+    """Store the global random states in every checkpoint and restore them on resume.
+
+    Lightning restores weights, optimizer, scheduler and epoch but not the random generators, so a
+    resumed run would shuffle, crop and drop out differently from an uninterrupted one. Restored
+    after the sanity check, which draws from them too. Worker processes (``data.num_workers > 0``)
+    are seeded from these states, so they agree in distribution but not sample by sample.
+    """
+
+    def __init__(self):
+        self._restored: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["random_states"] = random_states()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        self._restored = checkpoint.get("random_states")
+        if self._restored is not None:
+            set_random_states(self._restored)
+
+    def on_sanity_check_end(self, trainer, pl_module):
+        if self._restored is not None:
+            set_random_states(self._restored)
+
+    def on_train_start(self, trainer, pl_module):
+        self._restored = None

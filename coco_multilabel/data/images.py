@@ -1,0 +1,86 @@
+"""Reading images as the model needs them, and checking them as ``check_data`` reports them.
+
+The challenge ships JPEGs, but students re-save, convert and truncate files: anything Pillow reads
+becomes an upright 8-bit RGB image, and anything it cannot read is a UserError naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from coco_multilabel.data.labels import CHECK_DATA_HINT
+from coco_multilabel.errors import UserError
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+# What Pillow raises on a damaged file varies by plugin; none of it is the user's bug to debug.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode: 16-bit grey is scaled (Pillow would clip it to white) and transparent
+    pixels become white (their colour under the alpha is arbitrary)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.asarray(image, dtype=np.uint32) >> 8 if image.mode != "I" else _scaled_int(image)
+        image = Image.fromarray(grey.astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def _scaled_int(image: Image.Image) -> np.ndarray:
+    """Mode ``I`` is how Pillow opens 16-bit PNGs; values above 255 mean a 16-bit range."""
+    values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+    return values >> 8 if values.max(initial=0) > 255 else values
+
+
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode an image, apply its EXIF orientation and convert any mode to 8-bit RGB.
+
+    With ``min_side``, a JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides
+    at least ``min_side``: much less work when the model looks at smaller images anyway.
+    """
+    try:
+        with Image.open(path) as image:
+            if min_side:
+                image.draft(image.mode, (min_side, min_side))  # keep the mode: to_rgb converts it
+            return to_rgb(ImageOps.exif_transpose(image))
+    except DECODE_ERRORS as err:
+        raise UserError(f"cannot read image {path}: {err}; {CHECK_DATA_HINT}") from err
+
+
+def image_problem(path: str | Path, full: bool = False) -> str | None:
+    """Why ``path`` is not a usable JPEG (``"not_jpeg"``, ``"unreadable"``, ``"truncated"``), or None.
+
+    The default looks at the header and the last bytes only, fast enough for 70k files; ``full``
+    decodes every pixel, which also finds damage in the middle of a file.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(3)
+            size = file.seek(0, 2)
+            file.seek(max(0, size - 4096))
+            tail = file.read()
+    except OSError:
+        return "unreadable"
+    if head != JPEG_MAGIC:
+        try:
+            with Image.open(path):
+                return "not_jpeg"  # a PNG or GIF renamed .jpg: readable, but not what the challenge ships
+        except DECODE_ERRORS:
+            return "unreadable"
+    if JPEG_END not in tail:  # a copy or download cut short ends without the end-of-image marker
+        return "truncated"
+    try:
+        with Image.open(path) as image:
+            if full:
+                image.load()
+    except DECODE_ERRORS as err:
+        return "truncated" if "truncated" in str(err) else "unreadable"
+    return None

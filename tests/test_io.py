@@ -1,0 +1,70 @@
+"""Atomic writes: a process SIGKILLed in the middle of a write leaves the old file, never half."""
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from coco_multilabel.errors import UserError
+from coco_multilabel.io import AtomicCheckpointIO, write_text_atomic
+
+# Run in a child process: os.fsync is the moment the new bytes are written but not yet renamed.
+KILLED_WRITE = """
+import os, signal, sys
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+{write}
+"""
+
+
+def run_killed(write: str) -> int:
+    code = textwrap.dedent(KILLED_WRITE).format(write=textwrap.dedent(write))
+    return subprocess.run([sys.executable, "-c", code], timeout=120).returncode
+
+
+def test_killed_text_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "thresholds.json"
+    write_text_atomic(target, '{"old": true}\n')
+    returncode = run_killed(
+        f"""
+        from coco_multilabel.io import write_text_atomic
+        write_text_atomic({str(target)!r}, '{{"new": true}}' * 100000)
+        """
+    )
+    assert returncode == -9
+    assert target.read_text() == '{"old": true}\n'
+
+
+def test_killed_checkpoint_save_leaves_the_old_checkpoint_and_the_next_save_cleans_up(tmp_path):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1, "w": torch.ones(3)}, target)
+    returncode = run_killed(
+        f"""
+        import torch
+        from coco_multilabel.io import AtomicCheckpointIO
+        AtomicCheckpointIO().save_checkpoint({{"epoch": 2, "w": torch.zeros(10**6)}}, {str(target)!r})
+        """
+    )
+    assert returncode == -9
+    assert torch.load(target)["epoch"] == 1  # complete and loadable
+    assert list(target.parent.glob(".last.ckpt.*.tmp"))  # what the killed save left behind
+    AtomicCheckpointIO().save_checkpoint({"epoch": 3}, target)
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+    assert torch.load(target)["epoch"] == 3
+
+
+def test_a_full_disk_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "split.json"
+    write_text_atomic(target, "old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=f"no space left on device to write {target}"):
+        write_text_atomic(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]
