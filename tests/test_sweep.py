@@ -173,3 +173,18 @@ def test_a_sweep_dir_holding_another_sweep_is_refused(tiny_root, tmp_path):
     )
     assert result.returncode != 0
     assert "holds another sweep; pass a new hydra.sweep.dir" in result.stdout + result.stderr
+
+
+def test_a_failing_job_frees_its_device_and_the_sweep_goes_on(tiny_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    pool = ["device_pool.ids=[0]", f"device_pool.lock_dir={tmp_path / 'locks'}"]
+    sweep_args = [f"hydra.sweep.dir={sweep}", *pool, "data.val_fraction=2,0.25", "-m"]
+    result = cli(f"data.root={tiny_root}", *sweep_args, cwd=tmp_path)
+    assert result.returncode != 0  # Hydra reports the failed job at the end
+    rows = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
+    assert (rows["0"]["status"], rows["0"]["device"]) == ("failed", "0")
+    assert (rows["1"]["status"], rows["1"]["device"]) == ("done", "0")  # the only device, freed
+    assert (
+        "val_fraction must be between 0 and 1"
+        in json.loads((sweep / "0" / "result.json").read_text())["error"]
+    )
