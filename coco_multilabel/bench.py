@@ -42,11 +42,11 @@ def build(cfg) -> MultiLabelClassifier:
 
 
 def train_steps(model, batches, optimizer) -> float:
-    """Seconds for optimizer steps over ``batches`` (an iterable of (x, y))."""
+    """Images per second of optimizer steps over ``batches`` ((x, y) or the DataModule's (x, y, kept))."""
     model.train()
     start = time.perf_counter()
     count = 0
-    for x, y in batches:
+    for x, y, *_ in batches:
         loss = model.criterion(model(x), y)
         loss.backward()
         optimizer.step()
@@ -137,9 +137,9 @@ def recipe(root: str, minutes: float, run_dir: Path) -> dict:
     """The default recipe (embedded backbone) within a wall-clock budget."""
     from coco_multilabel.train import train
 
-    cfg = config(
-        root, f"run_dir={run_dir}", f"trainer.max_time=00:00:{int(minutes)}:{int(minutes % 1 * 60):02d}"
-    )
+    seconds = int(minutes * 60)
+    budget = f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"  # DD:HH:MM:SS
+    cfg = config(root, f"run_dir={run_dir}", f"trainer.max_time={budget}")
     start = time.perf_counter()
     summary = train(cfg)
     wall = time.perf_counter() - start
