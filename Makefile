@@ -6,8 +6,9 @@ DATA ?= data/ms-coco
 OUT ?= submission.json
 BENCH_DATA ?= ../shared/coco-dev
 ARGS ?=
+SWEEP ?= backbones
 
-.PHONY: install demo test check-data train submit evaluate bench lint clean
+.PHONY: install demo test check-data train sweep sweep-report submit evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +29,12 @@ check-data: install  ## make check-data DATA=data/ms-coco [ARGS=--full]: counts 
 
 train: install  ## make train DATA=data/ms-coco ARGS="backbone=resnet50 trainer.max_epochs=5"
 	$(PY) -m coco_multilabel.train data.root=$(DATA) $(ARGS)
+
+sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=resnet50" (a grid of conf/sweep/)
+	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
+
+sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
+	$(PY) -m coco_multilabel.summary $(DIR)
 
 submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json
 	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)

@@ -7,8 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from coco_multilabel.devices import visible_devices
 from coco_multilabel.errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -23,11 +26,28 @@ def run_dir_for(ckpt_path: str | None, default: str) -> str:
     return str(ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
 
 
+def last_checkpoint(run_dir: str | None) -> str | None:
+    """``resume=<run dir>`` continues that run from the checkpoint it saves after every epoch."""
+    return str(Path(run_dir) / "checkpoints" / "last.ckpt") if run_dir else None
+
+
+def parallel_jobs(device_ids) -> int:
+    """How many multirun jobs run at once on this machine: one per device of the pool (one on CPU)."""
+    return len(device_ids) if device_ids is not None else max(1, len(visible_devices()))
+
+
 OmegaConf.register_new_resolver("run_dir_for", run_dir_for, replace=True)
+OmegaConf.register_new_resolver("last_checkpoint", last_checkpoint, replace=True)
+OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def report_user_errors(main):
-    """Print a UserError as one clear line and exit 2, instead of a traceback."""
+    """Print a UserError as one clear line and exit 2, instead of a traceback. In a multirun the
+    error is raised on, so that Hydra marks that job failed and the other jobs go on."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -40,6 +60,8 @@ def report_user_errors(main):
             if cause is None:
                 raise
             logging.getLogger(main.__module__).error("error: %s", cause)
+            if in_multirun():
+                raise
             sys.exit(2)
 
     return wrapper

@@ -1,7 +1,7 @@
 """Train: ``python -m coco_multilabel.train data.root=DIR [backbone=NAME] [key=value ...]``.
 
 Reads as the recipe: seed, data, model, callbacks, loggers, trainer, fit; then report the best
-checkpoint and the command that submits it.
+checkpoint and the command that submits it. ``-m`` runs a sweep (see ``coco_multilabel.sweep``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from coco_multilabel.callbacks.best_metrics import BestMetrics
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.config import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datamodule import check_data_root
@@ -21,6 +22,7 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.io import AtomicCheckpointIO, write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.classifier import read_checkpoint
+from coco_multilabel.sweep import run_job
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,15 @@ def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint else ""
     score = checkpoint.best_model_score if checkpoint else None
+    best_epoch = next((c.best for c in trainer.callbacks if isinstance(c, BestMetrics)), None)
+    last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     summary = {
         "best_checkpoint": best,
         "best_score": None if score is None else float(score),
         "epochs": trainer.current_epoch,
-        **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "objective": checkpoint.monitor if checkpoint else None,
+        "objective_mode": checkpoint.mode if checkpoint else None,
+        **(best_epoch or last_epoch),  # the val metrics of the best epoch when BestMetrics kept them
     }
     if best:
         tuning = read_checkpoint(best).get("threshold_tuning", {})
@@ -96,7 +102,7 @@ def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)["best_score"]  # the value a Hydra sweeper optimises
+    return run_job(cfg, train)  # the best score: the value a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ from coco_multilabel.models.backbones import (
 )
 
 
-def test_embedded_lite0_weights_map_every_tensor():
-    shipped = torch.load(embedded_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
-    model = efficientnet_lite("efficientnet_lite0", weights="embedded")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_embedded_lite_weights_map_every_tensor(name):
+    shipped = torch.load(embedded_weights_path(name), map_location="cpu", weights_only=True)
+    model = efficientnet_lite(name, weights="embedded")
     loaded = list(model.state_dict().values())
     # the package's classifier (last two tensors) is dropped: the backbone ends at pooled features
     assert len(loaded) == len(shipped) - 2

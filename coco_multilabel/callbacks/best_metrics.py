@@ -1,0 +1,36 @@
+"""The val metrics of the best epoch: a sweep compares runs by their best checkpoint, not their last."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+class BestMetrics(L.Callback):
+    """After each validation, keep every ``val/*`` metric of the epoch with the best ``monitor``.
+
+    Its state travels in the checkpoints, so a resumed run still knows its best epoch.
+    """
+
+    def __init__(self, monitor: str = "val/macro_f1_xfit", mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best: dict[str, float] | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        value = float(value)
+        if self.best is not None:
+            previous = self.best[self.monitor]
+            if (value <= previous) if self.mode == "max" else (value >= previous):
+                return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.best = {**metrics, "epoch": trainer.current_epoch}
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict["best"]

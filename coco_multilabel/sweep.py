@@ -1,0 +1,136 @@
+"""One job of a Hydra multirun: a device of its own, skip when finished, resume when interrupted.
+
+Every run (single or multirun) leaves ``result.json`` in its folder: its overrides, status, device,
+best val metrics, epochs, wall time and best checkpoint. The sweep summary is built from these files,
+and a relaunched multirun reads them to skip finished jobs; an unfinished job resumes from its
+``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+
+from coco_multilabel.config import in_multirun
+from coco_multilabel.devices import acquire_device, visible_devices
+from coco_multilabel.errors import UserError
+from coco_multilabel.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+
+
+def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | None:
+    """Run ``train(cfg)`` and record it in ``result.json``; return the best score (the objective)."""
+    run_dir = Path(cfg.run_dir)
+    record = {"status": "running", "overrides": task_overrides()}
+    if in_multirun():
+        check_one_device(cfg)
+        previous = read_result(run_dir)
+        if previous and sorted(previous.get("overrides", [])) != sorted(record["overrides"]):
+            raise UserError(
+                f"{run_dir / RESULT} belongs to a job with overrides {previous.get('overrides')}, not "
+                f"{record['overrides']}: this sweep dir holds another sweep; pass a new hydra.sweep.dir"
+            )
+        if previous and previous["status"] == "done":
+            log.info("%s finished before (best %s); skipped", run_dir, previous.get("best_score"))
+            return previous.get("best_score")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not cfg.ckpt_path and last.is_file():
+            log.info("resuming the interrupted job from %s", last)
+            cfg.ckpt_path = str(last)
+    record["resumed_from"] = cfg.ckpt_path
+    with job_device(cfg) as device:  # a job waiting for a device shows as pending in the summary
+        start = time.perf_counter()
+        record.update(device=device, started=_now(), host=socket.gethostname(), pid=os.getpid())
+        _write(run_dir, record)
+        try:
+            summary = train(cfg)
+        except BaseException as err:
+            _write(run_dir, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+            raise
+    record.update(summary, status="done", ended=_now(), wall_s=round(time.perf_counter() - start, 1))
+    _write(run_dir, record)
+    return summary["best_score"]
+
+
+def check_one_device(cfg: DictConfig) -> None:
+    """Lightning's DDP re-launches the script per device, which inside a multirun re-launches the
+    whole sweep: multirun jobs therefore train on one device each."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if "ddp" in strategy or str(cfg.trainer.devices) not in ("1", "auto"):
+        raise UserError(
+            f"a multirun job trains on one device, but trainer.strategy={strategy} "
+            f"trainer.devices={cfg.trainer.devices}: drop trainer=ddp (the sweep puts one job on "
+            "each GPU), or run trainer=ddp as a single run without -m"
+        )
+
+
+@contextlib.contextmanager
+def job_device(cfg: DictConfig) -> Iterator[str | None]:
+    """A multirun job launched on this machine holds one device of ``cfg.device_pool`` while it
+    trains; single runs, and jobs that a scheduler such as SLURM placed, use what they were given."""
+    pool = cfg.get("device_pool")
+    launcher = HydraConfig.get().launcher.get("_target_", "") if HydraConfig.initialized() else ""
+    if not in_multirun() or not pool or "submitit" in launcher:
+        yield None
+        return
+    keys, indices = pool_devices(pool.ids)
+    if not keys:  # no GPU: jobs share the CPU
+        yield None
+        return
+    with acquire_device(keys, pool.lock_dir, pool.poll_s) as position:
+        if uses_gpu(cfg):
+            cfg.trainer.devices = [indices[position]]
+        yield keys[position]
+
+
+def pool_devices(ids) -> tuple[list[str], list[int]]:
+    """Lock keys (physical ids, shared by every process on the machine) and the CUDA indices this
+    process sees for ``ids`` (``device_pool.ids``; null: every visible GPU)."""
+    visible = visible_devices()
+    indices = [int(i) for i in ids] if ids is not None else list(range(len(visible)))
+    keys = [visible[i] if i < len(visible) else str(i) for i in indices]
+    return keys, indices
+
+
+def uses_gpu(cfg: DictConfig) -> bool:
+    accelerator = str(cfg.trainer.accelerator)
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this job: what sets it apart in its sweep."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def read_result(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / RESULT
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); delete it to rerun that job") from err
+
+
+def _write(run_dir: Path, record: dict) -> None:
+    if rank_zero_only.rank == 0:  # DDP: the other processes run the same job
+        write_json_atomic(run_dir / RESULT, record, indent=1)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -1,0 +1,190 @@
+"""End-to-end sweeps, DDP and resume through the real CLI, in subprocesses as a user runs them."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coco_multilabel.errors import UserError
+from coco_multilabel.summary import write_summary
+from coco_multilabel.sweep import check_one_device, run_job
+from coco_multilabel.train import train
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: Path, new_session: bool = False) -> subprocess.CompletedProcess:
+    """``python -m coco_multilabel.train ARGS`` on the worktree's code, from ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "coco_multilabel.train", *TINY, *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300, start_new_session=new_session,
+    )  # fmt: skip
+
+
+def kill_at(epoch: int, marker: Path, job_num: int | None = None) -> list[str]:
+    """Overrides that make the run (or one job of the sweep) kill its process group once."""
+    args = ["+callbacks.kill._target_=tests.helpers.KillAtEpoch", f"+callbacks.kill.epoch={epoch}",
+            f"+callbacks.kill.marker={marker}"]  # fmt: skip
+    return args + ([f"+callbacks.kill.job_num={job_num}"] if job_num is not None else [])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_multirun_runs_jobs_side_by_side_on_distinct_devices_and_writes_a_sorted_summary(tiny_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli(f"data.root={tiny_root}", f"hydra.sweep.dir={sweep}", "device_pool.ids=[0,1]",
+                 f"device_pool.lock_dir={tmp_path / 'locks'}", "device_pool.poll_s=0.05",
+                 "optimizer.lr=0.0001,0.03,0.003", "-m", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(sweep / "summary.csv")
+    assert sorted(r["job"] for r in rows) == ["0", "1", "2"]
+    assert all(r["status"] == "done" and r["epochs"] == "1" for r in rows)
+    scores = [float(r["best_score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and [r["rank"] for r in rows] == ["1", "2", "3"]
+    results = {r["job"]: json.loads((sweep / r["job"] / "result.json").read_text()) for r in rows}
+    for row in rows:
+        job = results[row["job"]]
+        assert row["overrides"] == " ".join(job["overrides"])
+        assert float(row["best_score"]) == pytest.approx(job["best_score"])
+        objective = job["objective"]  # the checkpoint monitor; its best-epoch value is the best score
+        assert float(row[objective]) == pytest.approx(job[objective]) == pytest.approx(job["best_score"])
+        assert Path(row["best_checkpoint"]).is_file()
+    assert sorted(j["overrides"][-1] for j in results.values()) == [
+        "optimizer.lr=0.0001", "optimizer.lr=0.003", "optimizer.lr=0.03"]  # fmt: skip
+    assert {j["device"] for j in results.values()} <= {"0", "1"}
+    for device in ("0", "1"):  # never two jobs on one device at the same time
+        spans = sorted((j["started"], j["ended"]) for j in results.values() if j["device"] == device)
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+    markdown = (sweep / "summary.md").read_text()
+    assert markdown.count("| done |") == 3 and "optimizer.lr=0.03 |" in markdown
+    # make sweep-report rebuilds the same files from the job folders
+    (sweep / "summary.csv").unlink()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    report = subprocess.run(
+        [sys.executable, "-m", "coco_multilabel.summary", str(sweep)], env=env, capture_output=True, text=True
+    )
+    assert report.returncode == 0 and read_csv(sweep / "summary.csv") == rows
+
+
+def test_a_killed_multirun_relaunched_skips_finished_jobs_and_resumes_the_rest(tiny_root, tmp_path):
+    sweep, marker = tmp_path / "sweep", tmp_path / "killed"
+    args = [f"data.root={tiny_root}", f"hydra.sweep.dir={sweep}", "trainer.max_epochs=2",
+            "device_pool.ids=[0]", f"device_pool.lock_dir={tmp_path / 'locks'}",
+            *kill_at(1, marker, job_num=1), "model.dropout=0.0,0.1,0.2", "-m"]  # fmt: skip
+    first = cli(*args, cwd=tmp_path, new_session=True)
+    assert first.returncode != 0 and marker.exists()  # the whole sweep was killed in job 1's 2nd epoch
+    done = json.loads((sweep / "0" / "result.json").read_text())
+    assert done["status"] == "done"
+    assert json.loads((sweep / "1" / "result.json").read_text())["status"] == "running"
+    assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert not (sweep / "2" / "result.json").exists()
+    write_summary(sweep)  # make sweep-report after the crash
+    assert [(r["job"], r["status"]) for r in read_csv(sweep / "summary.csv")] == [
+        ("0", "done"), ("1", "interrupted")]  # fmt: skip
+    best_0 = (sweep / "0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+
+    second = cli(*args, cwd=tmp_path, new_session=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((sweep / "0" / "result.json").read_text()) == done  # not rerun
+    assert (sweep / "0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == best_0
+    resumed = json.loads((sweep / "1" / "result.json").read_text())
+    assert resumed["status"] == "done" and resumed["resumed_from"].endswith("1/checkpoints/last.ckpt")
+    assert resumed["epochs"] == 2
+    assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    assert json.loads((sweep / "2" / "result.json").read_text())["epochs"] == 2
+    assert [r["status"] for r in read_csv(sweep / "summary.csv")] == ["done"] * 3
+
+
+def test_a_killed_run_resumes_in_its_folder_and_ends_like_an_uninterrupted_one(
+    tiny_root, tmp_path, train_cfg
+):
+    uninterrupted = train(train_cfg("trainer.max_epochs=2", run_dir=tmp_path / "whole"))
+    run_dir, marker = tmp_path / "run", tmp_path / "killed"
+    first = cli(f"data.root={tiny_root}", f"hydra.run.dir={run_dir}", "trainer.max_epochs=2",
+                *kill_at(1, marker), cwd=tmp_path, new_session=True)  # fmt: skip
+    assert first.returncode != 0 and marker.exists()
+    split = (run_dir / "split.json").read_text()
+    resumed = cli(f"data.root={tiny_root}", f"resume={run_dir}", "trainer.max_epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["epochs"] == uninterrupted["epochs"] == 2
+    assert result["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert (run_dir / "split.json").read_text() == split
+    assert not (tmp_path / "outputs").exists()  # no new run folder
+    for path in (run_dir / "checkpoints" / "last.ckpt", tmp_path / "whole" / "checkpoints" / "last.ckpt"):
+        assert torch.load(path, weights_only=False)["epoch"] == 1
+
+
+def test_ddp_on_cpu_trains_a_run_in_two_processes(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    result = cli(f"data.root={tiny_root}", f"hydra.run.dir={run_dir}", *ddp, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr
+    summary = json.loads((run_dir / "result.json").read_text())
+    assert summary["status"] == "done" and summary["epochs"] == 1
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the second process used the same folder
+
+
+def test_a_multirun_job_refuses_ddp(train_cfg):
+    check_one_device(train_cfg())
+    with pytest.raises(UserError, match="one device"):
+        check_one_device(train_cfg("trainer=ddp"))
+
+
+def test_precision_accumulation_and_channels_last_train(train_cfg, tmp_path):
+    cfg = train_cfg("trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
+                    "model.channels_last=true")  # fmt: skip
+    summary = train(cfg)
+    assert summary["epochs"] == 1 and 0 <= summary["best_score"] <= 1
+    hparams = torch.load(summary["best_checkpoint"], weights_only=False)["hyper_parameters"]
+    assert hparams["channels_last"] is True
+
+
+def test_a_failing_run_is_recorded_as_failed(tmp_path, train_cfg):
+    def fail(cfg):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        run_job(train_cfg(run_dir=tmp_path), fail)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"] == "RuntimeError: out of memory"
+
+
+def test_a_sweep_dir_holding_another_sweep_is_refused(tiny_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "result.json").write_text(
+        json.dumps({"status": "done", "overrides": ["model.dropout=0.9"]})
+    )
+    result = cli(
+        f"data.root={tiny_root}", f"hydra.sweep.dir={sweep}", "model.dropout=0.1", "-m", cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "holds another sweep; pass a new hydra.sweep.dir" in result.stdout + result.stderr
+
+
+def test_a_failing_job_frees_its_device_and_the_sweep_goes_on(tiny_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    pool = ["device_pool.ids=[0]", f"device_pool.lock_dir={tmp_path / 'locks'}"]
+    sweep_args = [f"hydra.sweep.dir={sweep}", *pool, "data.val_fraction=2,0.25", "-m"]
+    result = cli(f"data.root={tiny_root}", *sweep_args, cwd=tmp_path)
+    assert result.returncode != 0  # Hydra reports the failed job at the end
+    rows = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
+    assert (rows["0"]["status"], rows["0"]["device"]) == ("failed", "0")
+    assert (rows["1"]["status"], rows["1"]["device"]) == ("done", "0")  # the only device, freed
+    assert (
+        "val_fraction must be between 0 and 1"
+        in json.loads((sweep / "0" / "result.json").read_text())["error"]
+    )
