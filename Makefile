@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 DATA ?= data/ms-coco
 OUT ?= submission.json
 BENCH_DATA ?= ../shared/coco-dev
+# glibc hands large freed buffers back to the OS on every free; PyTorch then page-faults them in
+# again. Keeping them made training 1.5x faster here (make bench, "GLIBC_TUNABLES speed-up").
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184
 ARGS ?=
 SWEEP ?= backbones
 
