@@ -40,10 +40,9 @@ def main(cfg: DictConfig) -> None:
     if not (root / TEST_LABELS).is_dir():
         make_dataset(root, cfg.demo.n_train, cfg.demo.n_test, cfg.demo.size, seed=cfg.seed)
         log.info("synthetic data written to %s", root)
-    for stale in ("checkpoints", "split.json", "tensorboard"):  # each demo starts from scratch
-        shutil.rmtree(run_dir / stale, ignore_errors=True) if stale != "split.json" else (
-            run_dir / stale
-        ).unlink(missing_ok=True)
+    for stale in ("checkpoints", "tensorboard"):  # each demo starts from scratch
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    (run_dir / "split.json").unlink(missing_ok=True)
 
     summary = train(cfg)
     output = submit(summary["best_checkpoint"], str(root), str(run_dir / "submission.json"))
