@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from coco_multilabel.callbacks.thresholds import cross_fit, score_at, tune
+from coco_multilabel.callbacks.thresholds import evaluate_thresholds
 from coco_multilabel.classes import COCO_CLASSES, NUM_CLASSES
 from coco_multilabel.config import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.labels import read_label_dir, to_multi_hot
@@ -51,19 +51,19 @@ def evaluate_probabilities(probs_file, labels, objective: str = "macro_f1", min_
     probs, thresholds = saved["probs"], saved["thresholds"]
     targets = torch.stack([to_multi_hot(truth[s]) for s in saved["stems"]])
     scores = {**label_scores(probs > thresholds, targets), "map": mean_average_precision(probs, targets)}
-    per_class = dict(min_positives=min_positives, shrinkage=shrinkage)
+    # what the ThresholdTuner logs in per_class mode: 0.5, global and per class, tuned and cross-fitted
+    m = evaluate_thresholds(
+        probs, targets, "per_class", objective, min_positives=min_positives, shrinkage=shrinkage
+    )
     study = [
-        {"thresholds": "0.5", objective: score_at(probs, targets, torch.tensor(0.5), objective), "xfit": None}
+        {"thresholds": "0.5", objective: m[objective], "xfit": None},
+        {
+            "thresholds": "tuned global",
+            objective: m[f"{objective}_tuned_global"],
+            "xfit": m[f"{objective}_xfit_global"],
+        },
+        {"thresholds": "tuned per_class", objective: m[f"{objective}_tuned"], "xfit": m[f"{objective}_xfit"]},
     ]
-    for mode in ("global", "per_class"):
-        kwargs = per_class if mode == "per_class" else {}
-        tuned = tune(probs, targets, mode, objective, **kwargs)
-        xfit = cross_fit(
-            probs, targets,
-            lambda p, t, mode=mode, kwargs=kwargs: tune(p, t, mode, objective, **kwargs).thresholds,
-            lambda p, t, thr: score_at(p, t, thr, objective),
-        )  # fmt: skip
-        study.append({"thresholds": f"tuned {mode}", objective: tuned.score, "xfit": xfit})
     table = per_class_table(probs > thresholds, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
     return scores, study, table
 
