@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.evaluate import evaluate
+from coco_multilabel.evaluate import evaluate, evaluate_probabilities
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train
 
@@ -113,6 +113,39 @@ def test_submit_covers_every_test_image_and_obeys_the_threshold(trained, tiny_ro
         submit(ckpt, str(tiny_root), str(tmp_path / "top.json"), threshold=1.0, **common).read_text()
     )
     assert all(len(v) == 1 for v in top1.values())  # min_labels=1 keeps the most likely class
+
+
+def test_thresholds_survive_save_and_load_and_drive_submit(trained, tiny_root, tmp_path, caplog):
+    run_dir, _ = trained
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+    checkpoint["state_dict"]["thresholds"] = torch.zeros(80)  # as if tuned to 0: every class
+    torch.save(checkpoint, tmp_path / "zero.ckpt")
+    common = dict(num_workers=0, accelerator="cpu", progress_bar=False)
+    written = submit(str(tmp_path / "zero.ckpt"), str(tiny_root), str(tmp_path / "z.json"), **common)
+    assert all(v == list(range(80)) for v in json.loads(written.read_text()).values())
+
+    del checkpoint["threshold_tuning"]  # an untuned checkpoint falls back to 0.5 and says so
+    torch.save(checkpoint, tmp_path / "untuned.ckpt")
+    with caplog.at_level("WARNING"):
+        fallback = submit(str(tmp_path / "untuned.ckpt"), str(tiny_root), str(tmp_path / "u.json"), **common)
+    assert "no tuned thresholds; using 0.5" in caplog.text
+    assert json.loads(fallback.read_text()) != json.loads(written.read_text())
+
+
+def test_val_probabilities_can_be_retuned_offline(trained, tiny_root, tmp_path):
+    run_dir, _ = trained
+    common = dict(num_workers=0, accelerator="cpu", progress_bar=False)
+    path = submit(str(run_dir / "checkpoints" / "best.ckpt"), str(tiny_root), str(tmp_path / "val.json"),
+                  images="val", save_probs=True, **common)  # fmt: skip
+    val_stems = json.loads((run_dir / "split.json").read_text())["val"]
+    assert sorted(json.loads(path.read_text())) == val_stems
+    scores, study, table = evaluate_probabilities(
+        path.with_suffix(".probs.pt"), tiny_root / "labels" / "train"
+    )
+    assert [row["thresholds"] for row in study] == ["0.5", "tuned global", "tuned per_class"]
+    assert study[1]["macro_f1"] >= study[0]["macro_f1"]  # tuned on these labels: never worse than 0.5
+    assert len(table) == 80 and {"ap", "threshold", "support"} <= table[0].keys()
+    assert 0 <= scores["map"] <= 1
 
 
 def test_cli_reports_a_missing_data_root_without_a_traceback(tmp_path):
