@@ -91,7 +91,6 @@ def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
     if best:
         tuning = read_checkpoint(best).get("threshold_tuning", {})
         summary["threshold"] = tuning.get("global_threshold")
-        summary["best_val"] = tuning.get("val_metrics", {})
         if tuning:
             write_json_atomic(Path(best).with_name("thresholds.json"), tuning, indent=1)
         log.info("best checkpoint %s: %s %.4f", best, checkpoint.monitor, summary["best_score"])

@@ -190,7 +190,6 @@ class ThresholdTuner(L.Callback):
             "score_tuned": metrics[f"{self.objective}_tuned"],
             "score_xfit": metrics[f"{self.objective}_xfit"],
             **self.per_class_kwargs,
-            "val_metrics": metrics,  # so the best checkpoint knows its own scores
         }
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
