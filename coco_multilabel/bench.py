@@ -37,8 +37,10 @@ def datamodule(cfg, **overrides) -> CocoDataModule:
     return instantiate(cfg.data, **overrides, _convert_="all")
 
 
-def build(cfg) -> MultiLabelClassifier:
-    return MultiLabelClassifier(backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=None, **cfg.model)
+def build(cfg) -> tuple[MultiLabelClassifier, torch.optim.Optimizer]:
+    """The recipe's model and optimizer (no schedule: it needs a Trainer, and steps are few here)."""
+    model = MultiLabelClassifier(backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=None, **cfg.model)
+    return model, model.configure_optimizers()
 
 
 def train_steps(model, batches, optimizer) -> float:
@@ -57,8 +59,7 @@ def train_steps(model, batches, optimizer) -> float:
 
 def model_step_rate(cfg, steps: int) -> float:
     """Training images/s of the model alone, on a batch already in memory."""
-    model = build(cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = build(cfg)
     size, batch = cfg.data.image_size, cfg.data.batch_size
     x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 80) < 0.05).float()
     train_steps(model, [(x, y)] * 2, optimizer)  # warm-up
@@ -67,8 +68,7 @@ def model_step_rate(cfg, steps: int) -> float:
 
 def pipeline_rate(cfg, steps: int) -> float:
     """Training images/s from files: decode, augment, collate, step."""
-    model = build(cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = build(cfg)
     images = datamodule(cfg)
     images.setup("fit")
     loader = iter(images.train_dataloader())
@@ -78,8 +78,7 @@ def pipeline_rate(cfg, steps: int) -> float:
 
 def frozen_epochs(cfg, cache_dir: Path) -> dict:
     """One epoch of a frozen backbone's head: features computed on the fly versus from the cache."""
-    model = build(cfg)
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    model, optimizer = build(cfg)  # a frozen backbone: the optimizer holds the head only
     images = datamodule(cfg, augment=False)
     images.setup("fit")
     start = time.perf_counter()
@@ -98,7 +97,7 @@ def frozen_epochs(cfg, cache_dir: Path) -> dict:
 
 def inference_modes(cfg) -> list[dict]:
     """Eval images/s per memory format and precision, and how far their probabilities move."""
-    model = build(cfg).eval()
+    model = build(cfg)[0].eval()
     x = torch.randn(32, 3, cfg.data.image_size, cfg.data.image_size)
     rows, reference = [], None
     for name, channels_last, dtype in (("fp32", False, None), ("fp32 channels_last", True, None),
@@ -143,7 +142,7 @@ def recipe(root: str, minutes: float, run_dir: Path) -> dict:
     start = time.perf_counter()
     summary = train(cfg)
     wall = time.perf_counter() - start
-    best = summary.get("best_val", {})
+    best = {k.removeprefix("val/"): v for k, v in summary.items() if k.startswith("val/")}  # best epoch
     peak = (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
