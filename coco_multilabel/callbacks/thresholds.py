@@ -159,6 +159,9 @@ class ThresholdTuner(L.Callback):
         self._probs: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
         self.tuned: dict | None = None
+        # the last validation's N x C probabilities and targets, for the figures callback
+        self.probs: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._probs, self._targets = [], []
@@ -174,6 +177,7 @@ class ThresholdTuner(L.Callback):
         probs = pl_module.all_gather(torch.cat(self._probs)).reshape(-1, n_classes).cpu()
         targets = pl_module.all_gather(torch.cat(self._targets)).reshape(-1, n_classes).cpu()
         self._probs, self._targets = [], []
+        self.probs, self.targets = probs, targets
         metrics = evaluate_thresholds(
             probs, targets, self.mode, self.objective, self.seed, **self.per_class_kwargs
         )
