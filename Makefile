@@ -11,7 +11,7 @@ export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tri
 ARGS ?=
 SWEEP ?= backbones
 
-.PHONY: install demo test check-data train sweep sweep-report submit evaluate bench lint clean
+.PHONY: install demo test data check-data train tensorboard sweep sweep-report report submit predict evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ check-data: install  ## make check-data DATA=data/ms-coco [ARGS=--full]: counts 
 train: install  ## make train DATA=data/ms-coco ARGS="backbone=resnet50 trainer.max_epochs=5"
 	$(PY) -m coco_multilabel.train data.root=$(DATA) $(ARGS)
 
+tensorboard: install  ## make tensorboard [ARGS="--port 6007 --bind_all"]: every run under outputs/
+	$(VENV)/bin/tensorboard --logdir outputs $(ARGS)
+
 sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=resnet50" (a grid of conf/sweep/)
 	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
 
@@ -41,6 +44,9 @@ sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summa
 
 submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json
 	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)
+
+predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]
+	$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(ARGS)
 
 evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt)
 	$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)

@@ -1,0 +1,113 @@
+"""Predict: ``python -m coco_multilabel.predict CKPT IMAGE_OR_FOLDER [--json]`` (``make predict``).
+
+What a checkpoint sees in your own images: per image the classes above the checkpoint's tuned
+thresholds (what ``make submit`` would write) with their probabilities, and the five most likely
+classes whatever the threshold. ``--json`` prints the same as JSON, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from coco_multilabel.classes import COCO_CLASSES
+from coco_multilabel.config import report_user_errors
+from coco_multilabel.data.images import load_rgb
+from coco_multilabel.data.transforms import eval_transform
+from coco_multilabel.errors import UserError
+from coco_multilabel.models.classifier import MultiLabelClassifier, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def image_files(target: str | Path) -> list[Path]:
+    """``target`` itself, or the images of the folder ``target`` (not its subfolders), sorted."""
+    target = Path(target)
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise UserError(f"{target} does not exist; give an image file or a folder of images")
+    files = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise UserError(f"{target} holds no image file ({', '.join(sorted(SUFFIXES))})")
+    return files
+
+
+def predict(
+    ckpt_path: str | Path,
+    target: str | Path,
+    threshold: float | None = None,
+    top: int = 5,
+    batch_size: int = 32,
+) -> list[dict]:
+    """Per image: ``labels`` above threshold and the ``top`` classes, each ``{class, name, prob}``."""
+    checkpoint = read_checkpoint(ckpt_path)
+    files = image_files(target)
+    model = MultiLabelClassifier.from_checkpoint(checkpoint, source=ckpt_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if threshold is not None:
+        thresholds = torch.full_like(model.thresholds, threshold)
+    else:
+        if "threshold_tuning" not in checkpoint:
+            log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
+        thresholds = model.thresholds  # 0.5 unless tuned
+    size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size", 224)
+    transform = eval_transform(image_size=size)
+    names = COCO_CLASSES[: len(thresholds)]
+    results = []
+    for start in range(0, len(files), batch_size):
+        batch = files[start : start + batch_size]
+        images = torch.stack([transform(load_rgb(f, min_side=size)) for f in batch])
+        with torch.inference_mode():
+            probs = model(images.to(device)).sigmoid().cpu()
+        for file, p in zip(batch, probs, strict=True):
+            order = torch.argsort(p, descending=True).tolist()
+            results.append(
+                {
+                    "image": str(file),
+                    "labels": [_entry(names, p, c) for c in order if p[c] > thresholds[c]],
+                    "top": [_entry(names, p, c) for c in order[:top]],
+                }
+            )
+    return results
+
+
+def _entry(names, probs: torch.Tensor, c: int) -> dict:
+    return {"class": c, "name": names[c], "prob": round(float(probs[c]), 4)}
+
+
+def format_predictions(results: list[dict]) -> str:
+    def listing(entries):
+        return ", ".join(f"{e['name']} {e['prob']:.2f}" for e in entries)
+
+    lines = []
+    for r in results:
+        lines.append(f"{r['image']}: {listing(r['labels']) or '(no class above its threshold)'}")
+        lines.append(f"  top {len(r['top'])}: {listing(r['top'])}")
+    return "\n".join(lines)
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="e.g. outputs/train/<run>/checkpoints/best.ckpt")
+    parser.add_argument("image", help="an image file, or a folder of images")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--threshold", type=float, help="one threshold for every class (default: tuned)")
+    parser.add_argument("--top", type=int, default=5, help="how many most likely classes to list")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    results = predict(args.checkpoint, args.image, args.threshold, args.top)
+    print(json.dumps(results, indent=1) if args.json else format_predictions(results))
+
+
+if __name__ == "__main__":
+    main()
