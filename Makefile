@@ -42,6 +42,9 @@ sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=
 sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
 	$(PY) -m coco_multilabel.summary $(DIR)
 
+report: install  ## make report RUN=outputs/train/<run> (or a sweep folder) [DATA=...]: <RUN>/report/report.html
+	$(PY) -m coco_multilabel.report $(RUN) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(ARGS)
+
 submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json
 	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)
 

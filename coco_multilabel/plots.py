@@ -130,26 +130,39 @@ def _names(names: Sequence[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + more if names else "-"
 
 
+SCORES = ("val/macro_f1", "val/macro_f1_tuned", "val/map", "train/macro_f1", "train/map")
+
+
 def learning_curves_figure(series: dict[str, list[tuple[float, float]]]) -> Figure:
     """Loss, scores and learning rate per epoch, from ``{tag: [(epoch, value), ...]}``."""
     panels = {
         "loss": [t for t in series if t.endswith("loss") or t.endswith("loss_epoch")],
-        "scores": [t for t in series if t.startswith("val/") and ("f1" in t or t == "val/map")]
-        + [t for t in series if t in ("train/macro_f1", "train/map")],
+        "scores": [t for t in series if t in SCORES or t.endswith("_xfit")],
         "learning rate": [t for t in series if t.startswith("lr")],
     }
     panels = {name: tags for name, tags in panels.items() if tags}
     figure = Figure(figsize=(5 * max(1, len(panels)), 4), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, max(1, len(panels))))
     for ax, (name, tags) in zip(axes, panels.items(), strict=False):
-        for tag in sorted(tags):
-            epochs, values = zip(*series[tag], strict=True)
-            ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=tag)
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _curves(ax, {tag: series[tag] for tag in sorted(tags)}, name)
     return figure
+
+
+def curves_figure(series: dict[str, list[tuple[float, float]]], title: str) -> Figure:
+    """One line per ``{label: [(epoch, value)]}`` on one panel: a metric across a sweep's jobs."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    _curves(figure.subplots(), series, title)
+    return figure
+
+
+def _curves(ax, series: dict[str, list[tuple[float, float]]], title: str) -> None:
+    for label, points in series.items():
+        epochs, values = zip(*points, strict=True)
+        ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def class_frequency_figure(

@@ -47,3 +47,26 @@ def train_cfg(tiny_root, tmp_path):
             )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tensorboard_run(tiny_root, tmp_path_factory):
+    """A tiny two-epoch run logged to TensorBoard, its val batches cached features, with the
+    ``.hydra/config.yaml`` Hydra would leave; shared by the figures and report tests."""
+    from omegaconf import OmegaConf
+
+    from coco_multilabel.train import train
+
+    run_dir = tmp_path_factory.mktemp("tensorboard_run")
+    overrides = [
+        *TINY, f"data.root={tiny_root}", f"run_dir={run_dir}", "logger=tensorboard", "trainer.max_epochs=2",
+        "model.freeze_backbone=true", "data.cache_features=true", f"data.cache_dir={run_dir / 'cache'}",
+        "callbacks.figures.examples=4",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    summary = train(cfg)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    return run_dir, summary

@@ -1,0 +1,70 @@
+"""make report on a finished run, a run without a best checkpoint yet, and a sweep."""
+
+import json
+import shutil
+
+import pytest
+
+from coco_multilabel.errors import UserError
+from coco_multilabel.report import main, read_scalars, report
+
+RUN_FIGURES = ("learning_curves", "per_class", "thresholds", "pr_curves", "worst_classes", "class_frequency")
+
+
+def test_report_of_a_run_embeds_every_figure_and_the_config(tensorboard_run, tmp_path, capsys):
+    run_dir, _ = tensorboard_run
+    main([str(run_dir), "--out", str(tmp_path / "report")])
+    assert "report written to" in capsys.readouterr().out
+    page = (tmp_path / "report" / "report.html").read_text()
+    for name in RUN_FIGURES:
+        png = tmp_path / "report" / f"{name}.png"
+        assert png.read_bytes().startswith(b"\x89PNG")
+        assert f'alt="{name}.png"' in page
+    assert page.count("data:image/png;base64,") == len(RUN_FIGURES)  # self-contained
+    assert "backbone:" in page and "mobilenet_v3_small" in page  # the config
+    assert (tmp_path / "report" / "val.probs.pt").is_file()  # kept for the next report
+    series = read_scalars(run_dir)
+    assert [epoch for epoch, _ in series["val/macro_f1_xfit"]] == [0, 1]
+    assert [epoch for epoch, _ in series["lr-AdamW"]] == [0, 1]
+
+
+def test_a_run_without_best_checkpoint_or_data_is_reported_with_notes(tensorboard_run, tmp_path):
+    run_dir, _ = tensorboard_run
+    running = tmp_path / "running"
+    shutil.copytree(run_dir, running, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "cache"))
+    (running / "result.json").write_text(json.dumps({"status": "running", "overrides": []}))
+    (running / "csv").mkdir()  # a run logged by the CSV logger
+    (running / "csv" / "metrics.csv").write_text(
+        "epoch,lr-AdamW,step,train/loss_epoch,val/loss\n,0.1,0,,\n0,,1,0.7,\n0,,1,,0.6\n,0.2,2,,\n"
+    )
+    page = report(running, progress=False).read_text()
+    assert "still going" in page and "no checkpoints/best.ckpt yet" in page
+    assert read_scalars(running) == {
+        "lr-AdamW": [(0.0, 0.1), (1.0, 0.2)],
+        "train/loss_epoch": [(0.0, 0.7)],
+        "val/loss": [(0.0, 0.6)],
+    }
+    assert (running / "report" / "class_frequency.png").is_file()
+    (running / ".hydra" / "config.yaml").unlink()  # nothing says where the data is
+    assert "pass --data DIR" in report(running, progress=False).read_text()
+    with pytest.raises(UserError, match="nowhere/images/train is not a folder"):
+        report(running, data_root=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="neither a run folder"):
+        report(tmp_path / "running" / "csv")
+
+
+def test_report_of_a_sweep_compares_its_jobs(tensorboard_run, tmp_path):
+    run_dir, summary = tensorboard_run
+    sweep = tmp_path / "sweep"
+    shutil.copytree(run_dir, sweep / "0", ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    (sweep / "0" / "result.json").write_text(
+        json.dumps({"status": "done", "overrides": ["seed=0", "optimizer.lr=0.01"], **summary})
+    )
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / "result.json").write_text(
+        json.dumps({"status": "failed", "overrides": ["seed=0", "optimizer.lr=9"], "error": "boom"})
+    )
+    page = report(sweep).read_text()
+    assert (sweep / "report" / "comparison.png").is_file() and (sweep / "report" / "curves.png").is_file()
+    assert "shared overrides: seed=0" in page and "optimizer.lr=0.01" in page and "failed" in page
+    assert f"make report RUN={sweep / '1'}" in page
