@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= data/ms-coco
+ZIP ?= ms-coco.zip
 OUT ?= submission.json
 BENCH_DATA ?= ../shared/coco-dev
 # glibc hands large freed buffers back to the OS on every free; PyTorch then page-faults them in
@@ -26,6 +27,10 @@ demo: install  ## synthetic data -> train the default backbone -> submission JSO
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+data: install  ## make data ZIP=ms-coco.zip [DATA=data/ms-coco]: unpack the challenge archive, then check it
+	$(PY) -m coco_multilabel.unpack $(ZIP) $(DATA)
+	$(PY) -m coco_multilabel.check_data $(DATA)
 
 check-data: install  ## make check-data DATA=data/ms-coco [ARGS=--full]: counts and first files of each problem
 	$(PY) -m coco_multilabel.check_data $(DATA) $(ARGS)
