@@ -1,7 +1,8 @@
 """Train: ``python -m coco_multilabel.train data.root=DIR [backbone=NAME] [key=value ...]``.
 
-Reads as the recipe: seed, data, model, callbacks, loggers, trainer, fit; then report the best
-checkpoint and the command that submits it. ``-m`` runs a sweep (see ``coco_multilabel.sweep``).
+Reads as the recipe: seed, data, model, callbacks, loggers, trainer, fit; then print the best
+checkpoint, its files and the commands to run next (``run_summary``). ``-m`` runs a sweep (see
+``coco_multilabel.sweep``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.io import AtomicCheckpointIO, write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.classifier import read_checkpoint
+from coco_multilabel.run_summary import print_summary
 from coco_multilabel.sweep import run_job
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def summarize(trainer: L.Trainer, cfg: DictConfig) -> dict:
         if tuning:
             write_json_atomic(Path(best).with_name("thresholds.json"), tuning, indent=1)
         log.info("best checkpoint %s: %s %.4f", best, checkpoint.monitor, summary["best_score"])
-        log.info("next: make submit CKPT=%s DATA=%s OUT=submission.json", best, cfg.data.root)
+    print_summary(summary, cfg.run_dir, cfg.data.root)
     return summary
 
 
