@@ -21,9 +21,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve  # noqa: E402
 
 from coco_multilabel.callbacks.thresholds import GRID, count_table  # noqa: E402
-from coco_multilabel.metrics import average_precision, score_tensors  # noqa: E402
+from coco_multilabel.metrics import average_precision, safe_divide, score_tensors  # noqa: E402
 
-CURVE_POINTS = 101  # thresholds of a PR curve: exact curves of 40k x 80 probabilities are slow to draw
+CURVE_POINTS = 101  # thresholds of a class's PR curve: exact curves of 40k images are slow to draw
 
 
 def png(figure: Figure, dpi: int = 100) -> bytes:
@@ -55,9 +55,14 @@ def per_class_figure(rows: list[dict], title: str = "per-class F1 on val") -> Fi
 
 
 def pr_curves_figure(
-    probs: torch.Tensor, targets: torch.Tensor, names: Sequence[str], classes: int = 8
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    names: Sequence[str],
+    classes: int = 8,
+    counts: torch.Tensor | None = None,
 ) -> Figure:
-    """The micro-averaged precision-recall curve and those of the ``classes`` most frequent classes."""
+    """The pooled precision-recall curve (from ``counts``, the :func:`count_table` of the threshold
+    figure, when given) and those of the ``classes`` most frequent classes."""
     figure = Figure(figsize=(6, 5), layout="constrained")
     ax = figure.subplots()
     targets = targets.long()
@@ -68,7 +73,8 @@ def pr_curves_figure(
             continue
         precision, recall, _ = binary_precision_recall_curve(probs[:, c], targets[:, c], CURVE_POINTS)
         ax.plot(recall, precision, linewidth=1, label=f"{names[c]} (AP {ap[c]:.2f})")
-    precision, recall, _ = binary_precision_recall_curve(probs.flatten(), targets.flatten(), CURVE_POINTS)
+    tp, fp, fn = (count_table(probs, targets) if counts is None else counts).sum(1).unbind(-1)
+    precision, recall = safe_divide(tp, tp + fp), safe_divide(tp, tp + fn)
     ax.plot(recall, precision, color="black", linewidth=2.5, label="all classes pooled")
     present = ap[~ap.isnan()]
     ax.set_title(f"precision-recall on val: mAP {present.mean() if len(present) else 0:.3f}")
@@ -82,10 +88,14 @@ def pr_curves_figure(
 
 
 def threshold_figure(
-    probs: torch.Tensor, targets: torch.Tensor, chosen: float | None = None, objective: str = "macro_f1"
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    chosen: float | None = None,
+    objective: str = "macro_f1",
+    counts: torch.Tensor | None = None,
 ) -> Figure:
     """The F1s against one global threshold, with the threshold the run chose."""
-    scores = score_tensors(count_table(probs, targets, GRID))
+    scores = score_tensors(count_table(probs, targets, GRID) if counts is None else counts)
     figure = Figure(figsize=(6, 4), layout="constrained")
     ax = figure.subplots()
     for name in ("macro_f1", "micro_f1", "cf1"):

@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from coco_multilabel import plots
+from coco_multilabel.callbacks.thresholds import count_table
 from coco_multilabel.classes import COCO_CLASSES, NUM_CLASSES
 from coco_multilabel.config import report_user_errors
 from coco_multilabel.data.datamodule import check_data_root, read_split
@@ -208,6 +209,7 @@ def validation_sections(run_dir: Path, root: Path, split: dict, out: Path, progr
         [to_multi_hot(read_label_file(root / "labels" / "train" / f"{s}.cls")) for s in stems]
     )
     rows = per_class_table(probs > thresholds, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
+    counts = count_table(probs, targets)
     tuning = saved.get("threshold_tuning") or {}
     chosen = tuning.get("global_threshold")
     ranked = sorted(rows, key=lambda r: r["f1"], reverse=True)
@@ -221,14 +223,16 @@ def validation_sections(run_dir: Path, root: Path, split: dict, out: Path, progr
         figure_section(
             "F1 against the threshold",
             "thresholds.png",
-            plots.threshold_figure(probs, targets, chosen, tuning.get("objective", "macro_f1")),
+            plots.threshold_figure(probs, targets, chosen, tuning.get("objective", "macro_f1"), counts),
             note(
                 f"thresholds: {tuning.get('mode', 'untuned (0.5)')}, chosen "
                 f"{chosen} maximising {tuning.get('objective', '-')} on val"
             ),
         ),
         figure_section(
-            "Precision-recall curves", "pr_curves.png", plots.pr_curves_figure(probs, targets, COCO_CLASSES)
+            "Precision-recall curves",
+            "pr_curves.png",
+            plots.pr_curves_figure(probs, targets, COCO_CLASSES, counts=counts),
         ),
         worst_classes(root, stems, probs, targets, thresholds, rows),
     ]

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from coco_multilabel import plots
-from coco_multilabel.callbacks.thresholds import ThresholdTuner
+from coco_multilabel.callbacks.thresholds import ThresholdTuner, count_table
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.data.datasets import CocoImages
 from coco_multilabel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -54,11 +54,12 @@ class ValidationFigures(L.Callback):
         names = COCO_CLASSES[: targets.shape[1]]
         thresholds = pl_module.thresholds.cpu()
         rows = per_class_table(probs > thresholds, targets, names)
+        counts = count_table(probs, targets)  # shared by two figures: the slow part at 10k images
         figures = {
             "val/per_class_f1": plots.per_class_figure(rows),
-            "val/pr_curves": plots.pr_curves_figure(probs, targets, names),
+            "val/pr_curves": plots.pr_curves_figure(probs, targets, names, counts=counts),
             "val/f1_vs_threshold": plots.threshold_figure(
-                probs, targets, (tuner.tuned or {}).get("global_threshold"), tuner.objective
+                probs, targets, (tuner.tuned or {}).get("global_threshold"), tuner.objective, counts
             ),
         }
         if self.examples and (grid := self.examples_grid(trainer, pl_module, names)) is not None:
