@@ -12,7 +12,7 @@ export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tri
 ARGS ?=
 SWEEP ?= backbones
 
-.PHONY: install demo test data check-data train tensorboard sweep sweep-report report submit predict evaluate bench lint clean
+.PHONY: ablation install demo test data check-data train tensorboard sweep sweep-report report submit predict evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,9 @@ evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls 
 
 bench: install  ## make bench [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5"]; writes outputs/bench/bench.md
 	$(PY) -m coco_multilabel.bench --data $(BENCH_DATA) $(ARGS)
+
+ablation: install  ## make ablation [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5 --rows plain default"]; writes outputs/bench/ablation.md
+	$(PY) -m coco_multilabel.ablation --data $(BENCH_DATA) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check coco_multilabel tests

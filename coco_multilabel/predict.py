@@ -18,7 +18,7 @@ import torch
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.config import report_user_errors
 from coco_multilabel.data.images import load_rgb
-from coco_multilabel.data.transforms import eval_transform
+from coco_multilabel.data.transforms import checkpoint_eval_transform
 from coco_multilabel.errors import UserError
 from coco_multilabel.models.classifier import MultiLabelClassifier, read_checkpoint
 
@@ -60,14 +60,14 @@ def predict(
             log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
         thresholds = model.thresholds  # 0.5 unless tuned
     size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size", 224)
-    transform = eval_transform(image_size=size)
+    transform = checkpoint_eval_transform(checkpoint)
     names = COCO_CLASSES[: len(thresholds)]
     results = []
     for start in range(0, len(files), batch_size):
         batch = files[start : start + batch_size]
         images = torch.stack([transform(load_rgb(f, min_side=size)) for f in batch])
         with torch.inference_mode():
-            probs = model(images.to(device)).sigmoid().cpu()
+            probs = model.probabilities(images.to(device)).cpu()  # with flips when validated so
         for file, p in zip(batch, probs, strict=True):
             order = torch.argsort(p, descending=True).tolist()
             results.append(

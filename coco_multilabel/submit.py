@@ -4,6 +4,7 @@ Predicts every image of ``images/test`` with the checkpoint's tuned thresholds a
 challenge JSON, validated against the test folder before it is moved into place. With
 ``submit.images=val`` it predicts the run's own val split instead (for ``make evaluate``), and
 ``submit.save_probs=true`` keeps the probabilities so thresholds can be re-tuned offline.
+``submit.tta`` (default: as the checkpoint was validated) averages each image with its mirror image.
 With ``data.on_bad_image=skip`` an unreadable image gets ``submit.fallback_labels``: the
 leaderboard rejects a JSON that lacks a stem, so every stem is written.
 """
@@ -25,7 +26,7 @@ from coco_multilabel.config import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datamodule import DATA_ROOT_HELP, check_data_root, default_num_workers, read_split
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad, list_images
 from coco_multilabel.data.labels import CHECK_DATA_HINT, to_multi_hot
-from coco_multilabel.data.transforms import eval_transform
+from coco_multilabel.data.transforms import checkpoint_eval_transform
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_bytes_atomic
 from coco_multilabel.models.classifier import MultiLabelClassifier, read_checkpoint
@@ -49,6 +50,7 @@ def submit(
     progress_bar: bool = True,
     on_bad_image: str = "error",
     fallback_labels: tuple[int, ...] = (0,),
+    tta: bool | None = None,
 ) -> Path:
     """Write the predictions JSON for ``images`` (``test`` or ``val``); return its path."""
     checkpoint = read_checkpoint(ckpt_path)
@@ -62,11 +64,17 @@ def submit(
     if any(not 0 <= c < NUM_CLASSES for c in fallback):
         raise UserError(f"submit.fallback_labels must be class indices 0..{NUM_CLASSES - 1}, got {fallback}")
     model = MultiLabelClassifier.from_checkpoint(checkpoint, source=ckpt_path)
+    if tta is not None and tta != model.hparams.tta:
+        log.warning("submit.tta=%s, but the thresholds were tuned with tta=%s", tta, model.hparams.tta)
+        model.hparams.tta = tta
     size = image_size or checkpoint.get("datamodule_hyper_parameters", {}).get("image_size", 224)
     paths = image_paths(Path(ckpt_path), data_root, images)
     loader = DataLoader(
         CocoImages(
-            paths, transform=eval_transform(image_size=size), min_side=size, on_bad_image=on_bad_image
+            paths,
+            transform=checkpoint_eval_transform(checkpoint, size),
+            min_side=size,
+            on_bad_image=on_bad_image,
         ),
         batch_size=batch_size,
         num_workers=default_num_workers() if num_workers is None else num_workers,
@@ -169,6 +177,7 @@ def main(cfg: DictConfig) -> None:
         accelerator=cfg.accelerator,
         on_bad_image=cfg.data.on_bad_image,
         fallback_labels=tuple(cfg.submit.fallback_labels),
+        tta=cfg.submit.tta,
     )
 
 

@@ -40,19 +40,28 @@ def train(cfg: DictConfig) -> dict:
         check_resumable(cfg)
     datamodule = instantiate(cfg.data, split_file=str(run_dir / "split.json"), _convert_="all")
     model = MultiLabelClassifier(
-        backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), **cfg.model
+        backbone=cfg.backbone,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.get("scheduler"),
+        loss=cfg.get("loss"),
+        **cfg.model,
     )
+    # linear probe then fine-tune: cached features until the backbone unfreezes, then images
+    switch_at = None if cfg.model.freeze_backbone else cfg.model.get("unfreeze_at_epoch")
     if cfg.data.cache_features:
-        if not cfg.model.freeze_backbone:
+        if not cfg.model.freeze_backbone and not switch_at:
             raise UserError(
-                "data.cache_features=true needs model.freeze_backbone=true: features change otherwise"
+                "data.cache_features=true needs model.freeze_backbone=true or model.unfreeze_at_epoch: "
+                "the features of a backbone that trains change every step"
             )
-        datamodule.use_feature_cache(model.backbone, OmegaConf.to_container(cfg.backbone, resolve=True))
+        backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
+        datamodule.use_feature_cache(model.backbone, backbone_cfg, until_epoch=switch_at)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    switching = {"reload_dataloaders_every_n_epochs": 1} if cfg.data.cache_features and switch_at else {}
     # not a config option: a checkpoint half-written by a killed run is never wanted
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **switching
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return summarize(trainer, cfg)

@@ -9,6 +9,7 @@ from coco_multilabel.config import CONFIG_DIR
 from coco_multilabel.data.synthetic import make_dataset
 
 TINY = [
+    "~experiment",  # not the default recipe's 384 px linear probe + fine-tune: tests set what they test
     "backbone=mobilenet_v3_small",
     "backbone.weights=null",  # random weights: tests never download
     "data.image_size=32",

