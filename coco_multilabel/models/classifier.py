@@ -107,13 +107,19 @@ class MultiLabelClassifier(L.LightningModule):
         ``inputs`` are images, cached features (N x D), or cached features with their mirror
         image's (N x 2 x D, as the feature cache serves val).
         """
-        tta = self.hparams.tta if tta is None else tta
-        if inputs.dim() == 3:  # features of (image, mirror image)
-            probs = self(inputs[:, 0]).sigmoid()
-            return (probs + self(inputs[:, 1]).sigmoid()) / 2 if tta else probs
-        probs = self(inputs).sigmoid()
-        if tta and inputs.dim() == 4:
-            probs = (probs + self(inputs.flip(-1)).sigmoid()) / 2
+        plain, mirrored = self._views(inputs)
+        return self._average_mirror(self(plain).sigmoid(), mirrored, tta)
+
+    @staticmethod
+    def _views(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the inputs, their mirror image's or None): cached pairs are split, images flipped."""
+        if inputs.dim() == 3:
+            return inputs[:, 0], inputs[:, 1]
+        return inputs, inputs.flip(-1) if inputs.dim() == 4 else None
+
+    def _average_mirror(self, probs: torch.Tensor, mirrored: torch.Tensor | None, tta: bool | None = None):
+        if (self.hparams.tta if tta is None else tta) and mirrored is not None:
+            return (probs + self(mirrored).sigmoid()) / 2
         return probs
 
     def training_step(self, batch, batch_idx):
@@ -127,10 +133,11 @@ class MultiLabelClassifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         inputs, targets = batch
-        logits = self(inputs[:, 0] if inputs.dim() == 3 else inputs)
+        plain, mirrored = self._views(inputs)
+        logits = self(plain)
         loss = self.criterion(logits, targets)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(inputs))
-        probs = self.probabilities(inputs) if self.hparams.tta else logits.sigmoid()
+        probs = self._average_mirror(logits.sigmoid(), mirrored)
         return {"probs": probs, "targets": targets}  # the ThresholdTuner scores the epoch
 
     def predict_step(self, batch, batch_idx):
