@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from coco_multilabel.bench import PLAIN as PLAIN_RECIPE
 from coco_multilabel.bench import recipe
 from coco_multilabel.callbacks.thresholds import evaluate_thresholds
 from coco_multilabel.data.labels import read_label_dir, to_multi_hot
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.submit import submit
 
-PLAIN = ["experiment=plain"]
+PLAIN = [PLAIN_RECIPE]
 TUNED = [*PLAIN, "monitor=val/macro_f1_xfit"]  # technique rows are scored, so chosen, cross-fitted
 # name -> overrides of the default recipe; None: the plain run's best checkpoint, re-validated with flips
 ROWS: dict[str, list[str] | None] = {

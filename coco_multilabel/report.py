@@ -101,8 +101,11 @@ def run_sections(run_dir: Path, data_root: str | None, out: Path, progress: bool
         why = "no split.json in the run" if split is None else "the data root is unknown or missing"
         sections.append(Section("Validation", note(f"{why}: pass --data DIR (make report ... DATA=DIR)")))
     else:
-        sections += validation_sections(run_dir, root, split, out, progress)
-        sections.append(class_frequency(root, split))
+        labels = {
+            s: read_label_file(root / "labels" / "train" / f"{s}.cls") for s in split["train"] + split["val"]
+        }
+        sections += validation_sections(run_dir, root, labels, out, progress)
+        sections.append(class_frequency(labels, split))
     sections.append(config_section(run_dir))
     return sections
 
@@ -198,16 +201,14 @@ def val_predictions(run_dir: Path, root: Path, out: Path, progress: bool) -> dic
     return read_probabilities(probs_file)
 
 
-def validation_sections(run_dir: Path, root: Path, split: dict, out: Path, progress: bool) -> list[Section]:
+def validation_sections(run_dir: Path, root: Path, labels: dict, out: Path, progress: bool) -> list[Section]:
     saved = val_predictions(run_dir, root, out, progress)
     if saved is None:
         return [
             Section("Validation", note("no checkpoints/best.ckpt yet: it appears after the first validation"))
         ]
     stems, probs, thresholds = saved["stems"], saved["probs"], saved["thresholds"]
-    targets = torch.stack(
-        [to_multi_hot(read_label_file(root / "labels" / "train" / f"{s}.cls")) for s in stems]
-    )
+    targets = torch.stack([to_multi_hot(labels[s]) for s in stems])
     rows = per_class_table(probs > thresholds, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
     counts = count_table(probs, targets)
     tuning = saved.get("threshold_tuning") or {}
@@ -285,11 +286,11 @@ def _names(target: torch.Tensor, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" +{len(names) - limit}" if len(names) > limit else "") or "-"
 
 
-def class_frequency(root: Path, split: dict) -> Section:
+def class_frequency(labels: dict, split: dict) -> Section:
     counts = {}
     for part in ("train", "val"):
-        labels = [read_label_file(root / "labels" / "train" / f"{s}.cls") for s in split[part]]
-        counts[part] = np.bincount([c for classes in labels for c in classes], minlength=NUM_CLASSES)
+        classes = [c for s in split[part] for c in labels[s]]
+        counts[part] = np.bincount(classes, minlength=NUM_CLASSES)
     return figure_section(
         "Class frequency",
         "class_frequency.png",
