@@ -36,7 +36,18 @@ ROWS: dict[str, list[str] | None] = {
     "+ EMA": [*TUNED, "callbacks.ema={_target_:coco_multilabel.callbacks.ema.EMAWeights,decay:0.99}"],
     "+ RandAugment + cutout": [*TUNED, "data.randaugment_ops=2", "data.cutout_prob=0.5"],
     "+ 384 px, whole image": [*TUNED, "data.image_size=384", "data.eval_resize=squash", "data.batch_size=16"],
-    # the default recipe's schedule with everything else plain
+    "+ CSRA head": [*TUNED, "model.head=csra"],
+    # the default recipe's training (last stage and head on cached maps) with everything else plain
+    "+ last stage only, on cached maps": [
+        "experiment=top_csra",
+        "optimizer=adam",
+        "loss=bce",
+        "model.head=linear",
+        "model.tta=false",
+        "data.image_size=224",
+        "data.eval_resize=crop",
+    ],
+    # the previous default recipe's schedule with everything else plain
     "+ linear probe, then fine-tune": [
         "experiment=lp_ft",
         "optimizer=adam",
@@ -48,6 +59,7 @@ ROWS: dict[str, list[str] | None] = {
         "data.eval_resize=crop",
         "data.batch_size=32",
     ],
+    "linear probe + fine-tune recipe (experiment=lp_ft)": ["experiment=lp_ft"],
     "default recipe": [],
 }
 

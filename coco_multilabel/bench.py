@@ -88,7 +88,8 @@ def frozen_epochs(cfg, cache_dir: Path) -> dict:
     train_steps(model, images.train_dataloader(), optimizer)
     on_the_fly = time.perf_counter() - start
     cached = datamodule(cfg, cache_dir=str(cache_dir))
-    cached.use_feature_cache(model.backbone, OmegaConf.to_container(cfg.backbone, resolve=True))
+    backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
+    cached.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
     start = time.perf_counter()
     cached.setup("fit")
     build_time = time.perf_counter() - start

@@ -55,7 +55,9 @@ def train(cfg: DictConfig) -> dict:
                 "the features of a backbone that trains change every step"
             )
         backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
-        datamodule.use_feature_cache(model.backbone, backbone_cfg, until_epoch=switch_at)
+        datamodule.use_feature_cache(
+            model.trunk_features, backbone_cfg, until_epoch=switch_at, cut=model.trunk_cut()
+        )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     switching = {"reload_dataloaders_every_n_epochs": 1} if cfg.data.cache_features and switch_at else {}

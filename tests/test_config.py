@@ -28,8 +28,8 @@ def test_every_sweep_grid_names_real_options_and_a_stable_dir(name):
                 compose("train", overrides=[f"{key}={value}"])
 
 
-@pytest.mark.parametrize("name", ["linear_probe", "finetune", "plain", "lp_ft"])
+@pytest.mark.parametrize("name", ["linear_probe", "finetune", "plain", "lp_ft", "top_csra"])
 def test_experiments_compose(name):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={name}"])
-    assert cfg.model.freeze_backbone is (name == "linear_probe")
+    assert cfg.model.freeze_backbone is (name in ("linear_probe", "top_csra"))  # top_csra: the trunk

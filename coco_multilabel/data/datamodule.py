@@ -92,8 +92,8 @@ def read_split(split_file: Path) -> dict:
 class CocoDataModule(L.LightningDataModule):
     """Labelled images split into train and val (submit reads the test images itself).
 
-    After ``use_feature_cache(backbone, cfg)`` it serves cached backbone features instead of
-    images (see feature_cache.py): for training the head of a frozen backbone. With ``until_epoch``
+    After ``use_feature_cache(extract, cfg)`` it serves cached backbone features instead of
+    images (see feature_cache.py): for training the head (and top) of a frozen backbone. With ``until_epoch``
     it serves them for the epochs before it and images from then on (linear probe, then fine-tune;
     the trainer must reload its dataloaders every epoch). Val features come in (image, mirror
     image) pairs, for flip test-time augmentation.
@@ -128,15 +128,18 @@ class CocoDataModule(L.LightningDataModule):
         self.split: dict | None = None
         self._backbone = None
         self._cache_until: int | None = None
+        self._cache_cut: dict | None = None
         # Counted here, in the main process: the workers that skip images cannot report to it.
         self.skipped_images = 0
 
     def use_feature_cache(
-        self, backbone: torch.nn.Module, backbone_cfg: dict, until_epoch: int | None = None
+        self, extract, backbone_cfg: dict, until_epoch: int | None = None, cut: dict | None = None
     ) -> None:
-        """Serve features of this (frozen) backbone, cached on disk, instead of images (only before
-        ``until_epoch`` when it is set)."""
-        self._backbone, self._backbone_cfg, self._cache_until = backbone, backbone_cfg, until_epoch
+        """Serve what ``extract`` (an eval-mode backbone, or a model's ``trunk_features``) makes of
+        the images, cached on disk, instead of images (only before ``until_epoch`` when it is set);
+        ``cut`` says where in the backbone ``extract`` ends (see ``build_or_load``)."""
+        self._backbone, self._backbone_cfg, self._cache_until = extract, backbone_cfg, until_epoch
+        self._cache_cut = cut
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -169,6 +172,7 @@ class CocoDataModule(L.LightningDataModule):
             cache = build_or_load(
                 hp.cache_dir, images, self._backbone, self._backbone_cfg, evaluate,
                 flip=hp.cache_flip, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
+                cut=self._cache_cut,
             )  # fmt: skip
             self.train_images, self.val_images = self.train_set, self.val_set
             self.train_set = CachedFeatures(cache, self.train_set.stems, self.train_set.targets, hp.augment)

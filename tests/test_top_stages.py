@@ -1,0 +1,114 @@
+"""The backbone cut into a frozen trunk and a top that trains, the CSRA head, and both on the cache."""
+
+import numpy as np
+import pytest
+import torch
+
+from coco_multilabel.data.feature_cache import FeatureCache
+from coco_multilabel.errors import UserError
+from coco_multilabel.models import MultiLabelClassifier, backbone_parts
+from coco_multilabel.models.backbones import efficientnet_lite, torchvision_backbone
+from coco_multilabel.models.classifier import read_checkpoint
+from coco_multilabel.models.heads import ClassSpecificResidualAttention
+from coco_multilabel.submit import submit
+from coco_multilabel.train import train
+
+LITE0 = {"_target_": "coco_multilabel.models.backbones.efficientnet_lite", "name": "efficientnet_lite0",
+         "weights": None}  # fmt: skip
+OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2}
+
+
+def lite0_model(**kwargs) -> MultiLabelClassifier:
+    return MultiLabelClassifier(backbone=LITE0, optimizer=OPTIMIZER, **kwargs)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_trunk_then_top_is_the_whole_backbone(spatial):
+    backbone = efficientnet_lite("efficientnet_lite0", weights=None).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = backbone.forward_features(images) if spatial else backbone(images)
+        for stages in (0, 1, 2):
+            middle = backbone_parts.trunk(backbone, images, stages, spatial)
+            assert torch.allclose(backbone_parts.top(backbone, middle, stages, spatial), whole, atol=1e-5)
+    assert backbone_parts.trunk(backbone, images, 1, False).shape == (2, 192, 2, 2)  # below the last stage
+
+
+def test_cuts_a_backbone_cannot_make_are_refused_with_the_option_to_change():
+    mobilenet = torchvision_backbone("mobilenet_v3_small")
+    with pytest.raises(UserError, match="model.top_stages=1 needs a timm EfficientNet"):
+        backbone_parts.check_cut(mobilenet, 1, spatial=False)
+    with pytest.raises(UserError, match="model.head=csra needs the backbone's feature map"):
+        backbone_parts.check_cut(mobilenet, 0, spatial=True)
+    with pytest.raises(UserError, match="has 7 stages"):
+        backbone_parts.check_cut(efficientnet_lite("efficientnet_lite0", weights=None), 7, spatial=False)
+    with pytest.raises(UserError, match="model.head must be one of"):
+        lite0_model(head="transformer")
+
+
+def test_csra_adds_lambda_times_each_class_highest_score_to_its_mean_score():
+    torch.manual_seed(0)
+    head = ClassSpecificResidualAttention(8, 3, dropout=0.0, lam=0.5).eval()
+    maps = torch.randn(2, 8, 4, 4)
+    scores = torch.einsum("nchw,kc->nkhw", maps, head.classifier.weight).flatten(2)
+    expected = scores.mean(2) + 0.5 * scores.amax(2) + head.classifier.bias
+    assert torch.allclose(head(maps), expected, atol=1e-5)
+    head.lam = 0.0  # without the attention term it is the linear head on average-pooled features
+    assert torch.allclose(head(maps), head.classifier(maps.mean((2, 3))), atol=1e-5)
+    # one small object: a single hot position counts more than it does in the average
+    small = torch.zeros(1, 8, 4, 4)
+    small[0, :, 1, 2] = head.classifier.weight[0]
+    head.lam = 0.5
+    bias = head.classifier.bias[0]
+    with_max, average_only = head(small)[0, 0] - bias, head.classifier(small.mean((2, 3)))[0, 0] - bias
+    assert with_max > 1.4 * average_only > 0
+
+
+def test_top_stages_train_while_the_trunk_stays_frozen():
+    torch.manual_seed(0)
+    model = lite0_model(freeze_backbone=True, top_stages=1, head="csra", backbone_lr_scale=0.5).train()
+    top = [p for m in model._top_modules() for p in m.parameters()]
+    trunk = [p for p in model.backbone.parameters() if all(p is not q for q in top)]
+    assert all(p.requires_grad for p in top) and not any(p.requires_grad for p in trunk)
+    assert not model.backbone.blocks[0].training and model.backbone.blocks[-1].training  # trunk BN frozen
+    assert model.backbone.bn2.training
+    before = [p.detach().clone() for p in (trunk[0], top[0], model.head.classifier.weight)]
+    optimizer = model.configure_optimizers()
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-2), pytest.approx(5e-3)]
+    images, targets = torch.randn(4, 3, 64, 64), torch.randint(0, 2, (4, 80)).float()
+    model.criterion(model(images), targets).backward()
+    optimizer.step()
+    after = (trunk[0], top[0], model.head.classifier.weight)
+    assert torch.equal(before[0], after[0])
+    assert not torch.equal(before[1], after[1]) and not torch.equal(before[2], after[2])
+
+
+def test_logits_from_cached_trunk_maps_equal_those_from_images():
+    torch.manual_seed(0)
+    model = lite0_model(freeze_backbone=True, top_stages=1, head="csra", tta=True).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.trunk_features(images)
+        pairs = torch.stack([maps, model.trunk_features(images.flip(-1))], dim=1)  # as the cache serves val
+        assert maps.shape == (3, 192, 2, 2) and pairs.dim() == 5
+        assert torch.allclose(model(maps), model(images), atol=1e-5)
+        assert torch.allclose(model.probabilities(pairs), model.probabilities(images), atol=1e-5)
+    assert model.trunk_cut() == {"top_stages": 1, "spatial": True}
+    assert lite0_model().trunk_cut() is None  # the whole pooled backbone: caches keep their old keys
+
+
+def test_train_on_cached_trunk_maps_then_submit_from_images(train_cfg, tiny_root, tmp_path):
+    cfg = train_cfg(
+        "backbone=efficientnet_lite0", "backbone.weights=null", "data.image_size=64",
+        "model.freeze_backbone=true", "model.top_stages=1", "model.head=csra", "data.cache_features=true",
+        f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=2", run_dir=tmp_path / "run",
+    )  # fmt: skip
+    summary = train(cfg)
+    (folder,) = (tmp_path / "cache").iterdir()
+    cache = FeatureCache.load(folder)
+    assert cache.features.dtype == np.float16 and cache.features.shape[1:] == (192, 2, 2)
+    checkpoint = read_checkpoint(summary["best_checkpoint"])
+    assert checkpoint["hyper_parameters"]["top_stages"] == 1
+    out = submit(summary["best_checkpoint"], str(tiny_root), str(tmp_path / "sub.json"),
+                 progress_bar=False, num_workers=0)  # fmt: skip
+    assert len(out.read_text()) > 2
