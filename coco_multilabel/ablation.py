@@ -41,6 +41,7 @@ ROWS: dict[str, list[str] | None] = {
     "+ last stage only, on cached maps": [
         "experiment=top_csra",
         "optimizer=adam",
+        "~optimizer.weight_decay",  # the recipe's 0.05 is AdamW's decoupled decay; for Adam an L2 penalty
         "loss=bce",
         "model.head=linear",
         "model.tta=false",

@@ -72,6 +72,8 @@ def test_top_stages_train_while_the_trunk_stays_frozen():
     assert all(p.requires_grad for p in top) and not any(p.requires_grad for p in trunk)
     assert not model.backbone.blocks[0].training and model.backbone.blocks[-1].training  # trunk BN frozen
     assert model.backbone.bn2.training
+    model.trunk_features(torch.randn(1, 3, 64, 64))  # building the cache leaves every mode as it was
+    assert not model.backbone.blocks[0].training and model.backbone.blocks[-1].training
     before = [p.detach().clone() for p in (trunk[0], top[0], model.head.classifier.weight)]
     optimizer = model.configure_optimizers()
     assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-2), pytest.approx(5e-3)]

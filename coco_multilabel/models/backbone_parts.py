@@ -27,14 +27,15 @@ def check_cut(backbone: nn.Module, top_stages: int, spatial: bool, name: str = "
         raise UserError(
             f"model.top_stages={top_stages} needs a timm EfficientNet backbone (efficientnet_lite0..2, "
             f"or backbone=timm with an efficientnet_* name); {name} is a {type(backbone).__name__}: "
-            "use model.top_stages=0"
+            "use model.top_stages=0, or experiment=lp_ft (the recipe every backbone supports)"
         )
-    if top_stages >= len(getattr(backbone, "blocks", ())) and top_stages:
+    if top_stages and top_stages >= len(backbone.blocks):
         raise UserError(f"model.top_stages={top_stages}: {name} has {len(backbone.blocks)} stages")
     if spatial and not hasattr(backbone, "forward_features"):
         raise UserError(
             f"model.head=csra needs the backbone's feature map: use a timm backbone (efficientnet_lite*, "
-            f"or backbone=timm); {name} is a {type(backbone).__name__} from torchvision"
+            f"or backbone=timm); {name} is a {type(backbone).__name__} from torchvision: use "
+            "model.head=linear, or experiment=lp_ft (the recipe every backbone supports)"
         )
 
 

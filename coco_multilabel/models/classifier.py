@@ -144,7 +144,7 @@ class MultiLabelClassifier(L.LightningModule):
 
     def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
         """What the feature cache keeps: the frozen trunk's output, in eval mode, without gradients."""
-        was_training = self.backbone.training
+        modes = {module: module.training for module in self.backbone.modules()}
         self.backbone.eval()
         try:
             with torch.no_grad():
@@ -152,7 +152,8 @@ class MultiLabelClassifier(L.LightningModule):
                     self.backbone, self._memory_format(images), self.hparams.top_stages, self.spatial
                 )
         finally:
-            self.backbone.train(was_training)
+            for module, training in modes.items():  # each as it was: the top may train, the trunk not
+                module.training = training
 
     def trunk_cut(self) -> dict | None:
         """Where the trunk ends, for the feature cache's key; None: the whole backbone, pooled."""
