@@ -126,7 +126,7 @@ class CocoDataModule(L.LightningDataModule):
         self.split_file = Path(split_file) if split_file else None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.split: dict | None = None
-        self._backbone = None
+        self._extract = None
         self._cache_until: int | None = None
         self._cache_cut: dict | None = None
         # Counted here, in the main process: the workers that skip images cannot report to it.
@@ -138,7 +138,7 @@ class CocoDataModule(L.LightningDataModule):
         """Serve what ``extract`` (an eval-mode backbone, or a model's ``trunk_features``) makes of
         the images, cached on disk, instead of images (only before ``until_epoch`` when it is set);
         ``cut`` says where in the backbone ``extract`` ends (see ``build_or_load``)."""
-        self._backbone, self._backbone_cfg, self._cache_until = extract, backbone_cfg, until_epoch
+        self._extract, self._backbone_cfg, self._cache_until = extract, backbone_cfg, until_epoch
         self._cache_cut = cut
 
     def setup(self, stage: str | None = None) -> None:
@@ -167,10 +167,10 @@ class CocoDataModule(L.LightningDataModule):
         self.val_set = CocoImages.labelled(
             root, self.split["val"], evaluate, hp.num_classes, hp.image_size, hp.on_bad_image
         )
-        if self._backbone is not None:
+        if self._extract is not None:
             images = sorted(self.train_set.image_paths + self.val_set.image_paths, key=lambda p: p.stem)
             cache = build_or_load(
-                hp.cache_dir, images, self._backbone, self._backbone_cfg, evaluate,
+                hp.cache_dir, images, self._extract, self._backbone_cfg, evaluate,
                 flip=hp.cache_flip, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
                 cut=self._cache_cut,
             )  # fmt: skip

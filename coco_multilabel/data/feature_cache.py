@@ -7,8 +7,8 @@ config and weights file, where the frozen trunk ends (``cut``), the eval transfo
 and the exact images (path, size, mtime); any change builds a new cache in a new folder.
 
 Pooled features are kept in float32; feature maps (for a top that trains, or a spatial head) in
-float16, which halves their size on disk (Lite0 at 384 px, one stage trained: 55 kB an image
-and its mirror 110 kB; the final 1280-channel map would be 7 times that).
+float16, half the disk: Lite0 at 384 px below its last stage takes 55 kB an image, as much again
+for its mirror image; the final 1280-channel map would take 7 times that.
 """
 
 from __future__ import annotations
