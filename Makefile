@@ -10,17 +10,20 @@ BENCH_DATA ?= ../shared/coco-dev
 # again. Keeping them made training 1.5x faster here (make bench, "GLIBC_TUNABLES speed-up").
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184
 ARGS ?=
+MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the output, also from a make within make
 SWEEP ?= backbones
 
 .PHONY: ablation install demo test data check-data train tensorboard sweep sweep-report report submit predict evaluate bench lint clean
 
 install: $(VENV)/.installed
 
+# installation talks on stderr: stdout stays what the target itself prints (make predict ... | jq)
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
-	touch $@
+	@echo "installing the project into $(VENV) (once)" >&2
+	@$(PYTHON) -m venv $(VENV) >&2
+	@$(VENV)/bin/pip install --quiet --upgrade pip >&2
+	@$(VENV)/bin/pip install --quiet -e ".[dev]" >&2
+	@touch $@
 
 demo: install  ## synthetic data -> train the default backbone -> submission JSON, in a few minutes
 	$(PY) -m coco_multilabel.demo $(ARGS)
@@ -33,7 +36,7 @@ data: install  ## make data ZIP=ms-coco.zip [DATA=data/ms-coco]: unpack the chal
 	$(PY) -m coco_multilabel.check_data $(DATA)
 
 check-data: install  ## make check-data DATA=data/ms-coco [ARGS=--full]: counts and first files of each problem
-	$(PY) -m coco_multilabel.check_data $(DATA) $(ARGS)
+	@$(PY) -m coco_multilabel.check_data $(DATA) $(ARGS)
 
 train: install  ## make train DATA=data/ms-coco ARGS="backbone=resnet50 trainer.max_epochs=5"
 	$(PY) -m coco_multilabel.train data.root=$(DATA) $(ARGS)
@@ -45,7 +48,7 @@ sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=
 	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
 
 sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
-	$(PY) -m coco_multilabel.summary $(DIR)
+	@$(PY) -m coco_multilabel.sweeps.summary $(DIR)
 
 report: install  ## make report RUN=outputs/train/<run> (or a sweep folder) [DATA=...]: <RUN>/report/report.html
 	$(PY) -m coco_multilabel.report $(RUN) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(ARGS)
@@ -54,16 +57,16 @@ submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt D
 	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)
 
 predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]
-	$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(ARGS)
+	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(ARGS)
 
-evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt)
-	$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
+evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt) [ARGS=only_predicted=true]
+	@$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
 
 bench: install  ## make bench [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5"]; writes outputs/bench/bench.md
-	$(PY) -m coco_multilabel.bench --data $(BENCH_DATA) $(ARGS)
+	$(PY) -m coco_multilabel.bench.speed --data $(BENCH_DATA) $(ARGS)
 
 ablation: install  ## make ablation [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5 --rows plain default"]; writes outputs/bench/ablation.md
-	$(PY) -m coco_multilabel.ablation --data $(BENCH_DATA) $(ARGS)
+	$(PY) -m coco_multilabel.bench.ablation --data $(BENCH_DATA) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check coco_multilabel tests

@@ -1,13 +1,15 @@
 """``make demo``: the whole workflow on synthetic data, offline, in a few minutes.
 
-Generates drawn-shape images in the challenge layout, trains the default embedded backbone,
-writes the submission JSON and scores it against the held-back test labels.
+Generates drawn-shape images in the challenge layout, trains the embedded backbone, writes the
+submission JSON and scores it against the held-back test labels; exits 1 unless the test macro F1
+is well above chance (``demo.min_ratio_to_chance``), so a broken recipe cannot pass for a demo.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -15,11 +17,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from coco_multilabel.config import CONFIG_DIR, report_user_errors
+from coco_multilabel.cli import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.labels import read_label_dir, to_multi_hot
 from coco_multilabel.data.synthetic import TEST_LABELS, make_dataset
-from coco_multilabel.evaluate import evaluate, format_scores
+from coco_multilabel.evaluate import evaluate
 from coco_multilabel.metrics import label_scores
+from coco_multilabel.reporting.tables import format_scores
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train
 
@@ -55,11 +58,15 @@ def main(cfg: DictConfig) -> None:
         f"{summary['val/macro_f1_xfit']:.3f} cross-fitted"
     )
     print(format_scores(scores, f"test, {cfg.demo.n_test} images"))
-    verdict = "well above" if scores["macro_f1"] > 3 * chance else "NOT well above"
+    ratio = scores["macro_f1"] / chance
+    passed = ratio >= cfg.demo.min_ratio_to_chance
     print(
-        f"test macro F1 {scores['macro_f1']:.3f} is {verdict} chance ({chance:.3f}, every class everywhere)"
+        f"test macro F1 {scores['macro_f1']:.3f} is {ratio:.1f}x chance ({chance:.3f}, every class "
+        f"everywhere): {'PASS' if passed else 'FAIL'}, at least {cfg.demo.min_ratio_to_chance:g}x is needed"
     )
     print(f"submission: {output}   wall time: {minutes:.1f} min")
+    if not passed:  # a silently broken recipe must not look like a working demo
+        sys.exit(1)
 
 
 if __name__ == "__main__":

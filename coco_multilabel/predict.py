@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 from coco_multilabel.classes import COCO_CLASSES
-from coco_multilabel.config import report_user_errors
-from coco_multilabel.data.images import load_rgb
-from coco_multilabel.data.transforms import checkpoint_eval_transform
+from coco_multilabel.cli import report_user_errors
 from coco_multilabel.errors import UserError
-from coco_multilabel.models.classifier import MultiLabelClassifier, read_checkpoint
+from coco_multilabel.models.checkpoints import load_model, read_checkpoint
+from coco_multilabel.models.inference import predict_files
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +40,32 @@ def image_files(target: str | Path) -> list[Path]:
 
 
 def predict(
-    ckpt_path: str | Path,
-    target: str | Path,
-    threshold: float | None = None,
-    top: int = 5,
-    batch_size: int = 32,
+    ckpt_path: str | Path, target: str | Path, threshold: float | None = None, top: int = 5, **inference
 ) -> list[dict]:
-    """Per image: ``labels`` above threshold and the ``top`` classes, each ``{class, name, prob}``."""
+    """Per image: ``labels`` above threshold and the ``top`` classes, each ``{class, name, prob}``.
+    ``inference``: the options of :func:`predict_files`."""
     checkpoint = read_checkpoint(ckpt_path)
     files = image_files(target)
-    model = MultiLabelClassifier.from_checkpoint(checkpoint, source=ckpt_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model = load_model(checkpoint, source=ckpt_path)
     if threshold is not None:
         thresholds = torch.full_like(model.thresholds, threshold)
     else:
         if "threshold_tuning" not in checkpoint:
             log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
         thresholds = model.thresholds  # 0.5 unless tuned
-    size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size", 224)
-    transform = checkpoint_eval_transform(checkpoint)
+    inference = {"progress_bar": False, "num_workers": 0 if len(files) < 64 else None, **inference}
+    probs, _ = predict_files(model, checkpoint, files, **inference)  # with flips when validated so
     names = COCO_CLASSES[: len(thresholds)]
     results = []
-    for start in range(0, len(files), batch_size):
-        batch = files[start : start + batch_size]
-        images = torch.stack([transform(load_rgb(f, min_side=size)) for f in batch])
-        with torch.inference_mode():
-            probs = model.probabilities(images.to(device)).cpu()  # with flips when validated so
-        for file, p in zip(batch, probs, strict=True):
-            order = torch.argsort(p, descending=True).tolist()
-            results.append(
-                {
-                    "image": str(file),
-                    "labels": [_entry(names, p, c) for c in order if p[c] > thresholds[c]],
-                    "top": [_entry(names, p, c) for c in order[:top]],
-                }
-            )
+    for file, p in zip(files, probs, strict=True):
+        order = torch.argsort(p, descending=True).tolist()
+        results.append(
+            {
+                "image": str(file),
+                "labels": [_entry(names, p, c) for c in order if p[c] > thresholds[c]],
+                "top": [_entry(names, p, c) for c in order[:top]],
+            }
+        )
     return results
 
 

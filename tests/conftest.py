@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from coco_multilabel.config import CONFIG_DIR
+from coco_multilabel.cli import CONFIG_DIR
 from coco_multilabel.data.synthetic import make_dataset
 
 TINY = [

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coco_multilabel.check_data import PROBLEMS, check_data, main
+from coco_multilabel.check_data import main
+from coco_multilabel.data.checks import PROBLEMS, check_data
 from coco_multilabel.data.labels import LABEL_ERRORS, read_label_file
 from coco_multilabel.errors import UserError
 
@@ -161,5 +162,5 @@ def test_check_data_and_training_refuse_the_same_label_files(broken_root):
 
 
 def test_the_progress_bar_does_not_change_the_findings(broken_root, monkeypatch):
-    monkeypatch.setattr("coco_multilabel.check_data.PROGRESS_FROM", 0)
+    monkeypatch.setattr("coco_multilabel.data.checks.PROGRESS_FROM", 0)
     assert check_data(broken_root, progress=True).problems == check_data(broken_root).problems

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from coco_multilabel.data.datamodule import CocoDataModule, check_data_root, make_split
-from coco_multilabel.data.datasets import CocoImages, labelled_stems
+from coco_multilabel.data.datamodule import CocoDataModule
+from coco_multilabel.data.datasets import CocoImages, check_data_root, labelled_stems
+from coco_multilabel.data.split import make_split
 from coco_multilabel.errors import UserError
 
 STEMS = [f"{i:012d}" for i in range(100)]

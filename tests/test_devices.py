@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from coco_multilabel.devices import acquire_device, visible_devices
-from coco_multilabel.sweep import job_device, pool_devices
+from coco_multilabel.sweeps.devices import acquire_device, visible_devices
+from coco_multilabel.sweeps.job import job_device, pool_devices
 
 
 def _job(number: int, ids: list[str], lock_dir: str, log_dir: str) -> None:
@@ -62,7 +62,7 @@ def multirun_cfg(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from coco_multilabel.config import CONFIG_DIR
+    from coco_multilabel.cli import CONFIG_DIR
 
     def make(*overrides):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -7,8 +7,8 @@ from PIL import Image
 from coco_multilabel.data.datasets import CocoImages, labelled_stems, load_rgb
 from coco_multilabel.data.feature_cache import FeatureCache, build_or_load, cache_key
 from coco_multilabel.data.transforms import eval_transform
-from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.backbones import torchvision_backbone
+from coco_multilabel.models.checkpoints import load_model
 from coco_multilabel.train import train
 
 BACKBONE = {"_target_": "x.torchvision_backbone", "name": "mobilenet_v3_small", "weights": None}
@@ -65,7 +65,7 @@ def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg,
     on_the_fly = train(train_cfg(*same, run_dir=tmp_path / "fly"))
     cached = train(train_cfg(*same, "data.cache_features=true", f"data.cache_dir={tmp_path / 'cache'}",
                              "data.cache_flip=false", run_dir=tmp_path / "cached"))  # fmt: skip
-    models = [MultiLabelClassifier.from_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt")
+    models = [load_model(tmp_path / run / "checkpoints" / "last.ckpt")
               for run in ("fly", "cached")]  # fmt: skip
     cache = FeatureCache.load(next((tmp_path / "cache").iterdir()))
     features = torch.from_numpy(cache.features[:])

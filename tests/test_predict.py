@@ -1,6 +1,8 @@
 """Predict on files and folders, with a checkpoint trained to know two images by heart."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -93,3 +95,19 @@ def test_clear_errors_for_missing_or_unreadable_files_and_bad_checkpoints(overfi
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(UserError, match="not a coco-multilabel checkpoint"):
         predict(tmp_path / "other.ckpt", images[0])
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / ".installed").is_file(), reason="make install has not run here")
+def test_make_predict_json_prints_only_the_json(overfit):
+    """``make predict ... ARGS=--json | python -m json.tool``: make must not echo into stdout."""
+    ckpt, images, _ = overfit
+    shell = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    result = subprocess.run(
+        ["make", "predict", f"CKPT={ckpt}", f"IMAGE={images[0]}", "ARGS=--json"],
+        cwd=ROOT, env=shell, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["image"] == str(images[0])

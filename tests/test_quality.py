@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coco_multilabel.models import MultiLabelClassifier
-from coco_multilabel.models.classifier import read_checkpoint
+from coco_multilabel.models.checkpoints import load_model, read_checkpoint
 from coco_multilabel.models.schedulers import warmup_cosine
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train
@@ -56,7 +56,7 @@ def test_ema_weights_are_validated_and_saved_beside_the_raw_weights(train_cfg, t
     assert torch.allclose(ema["thresholds"], tuned, atol=1e-4)
     assert torch.allclose(raw["thresholds"], tuned, atol=1e-4)
     # submit rebuilds the EMA weights
-    model = MultiLabelClassifier.from_checkpoint(checkpoint)
+    model = load_model(checkpoint)
     assert torch.equal(model.head[1].weight, ema["head.1.weight"])
     # with decay 0 the "average" is the last raw weights: what is saved really is the average
     train(train_cfg("callbacks.ema.decay=0.0", "trainer.max_epochs=1", run_dir=tmp_path / "ema0"))
@@ -114,7 +114,7 @@ def test_schedule_restarts_its_warm_up_and_decay():
 def test_ablation_table_compares_each_row_with_the_plain_recipe_at_0_5(tmp_path):
     from argparse import Namespace
 
-    from coco_multilabel.ablation import write_table
+    from coco_multilabel.bench.ablation import write_table
 
     rows = [("plain", 0.25, 0.30, 0.4, 100.0, True), ("default recipe", 0.40, 0.50, 0.6, 90.0, False)]
     args = Namespace(budget_minutes=15.0, val_fraction=0.2)

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.report import main, read_scalars, report
+from coco_multilabel.report import main
+from coco_multilabel.reporting.report import read_scalars, report
 
 RUN_FIGURES = ("learning_curves", "per_class", "thresholds", "pr_curves", "worst_classes", "class_frequency")
 

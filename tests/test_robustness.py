@@ -15,9 +15,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from coco_multilabel.config import CONFIG_DIR
-from coco_multilabel.data.datamodule import CocoDataModule, make_split
+from coco_multilabel.cli import CONFIG_DIR
+from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.data.datasets import labelled_stems
+from coco_multilabel.data.split import make_split
 from coco_multilabel.errors import UserError
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train

@@ -7,8 +7,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from coco_multilabel.callbacks.progress import ImagesPerSecond, ThroughputProgressBar
-from coco_multilabel.config import CONFIG_DIR
-from coco_multilabel.run_summary import print_summary
+from coco_multilabel.cli import CONFIG_DIR
+from coco_multilabel.reporting.run_summary import print_summary
 
 
 def test_the_summary_names_the_best_epoch_its_files_and_the_exact_submit_line(tensorboard_run, capsys):

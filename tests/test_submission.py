@@ -7,14 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coco_multilabel.errors import UserError
-from coco_multilabel.submission import (
+from coco_multilabel.decisions.submission import (
     decide_labels,
     parse_submission,
     read_submission,
     validate_submission,
     write_submission,
 )
+from coco_multilabel.errors import UserError
 
 STEMS = ["000000000139", "000000000285"]
 

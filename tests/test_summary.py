@@ -5,7 +5,7 @@ import json
 
 from omegaconf import OmegaConf
 
-from coco_multilabel.summary import collect, write_summary
+from coco_multilabel.sweeps.summary import collect, write_summary
 
 
 def job(sweep, name, **result):

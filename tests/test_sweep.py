@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.summary import write_summary
-from coco_multilabel.sweep import check_one_device, run_job
+from coco_multilabel.sweeps.job import check_one_device, run_job
+from coco_multilabel.sweeps.summary import write_summary
 from coco_multilabel.train import train
 from tests.conftest import TINY
 
@@ -71,7 +71,10 @@ def test_multirun_runs_jobs_side_by_side_on_distinct_devices_and_writes_a_sorted
     (sweep / "summary.csv").unlink()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     report = subprocess.run(
-        [sys.executable, "-m", "coco_multilabel.summary", str(sweep)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "coco_multilabel.sweeps.summary", str(sweep)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert report.returncode == 0 and read_csv(sweep / "summary.csv") == rows
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multilabel_f1_score
 
-from coco_multilabel.callbacks.thresholds import (
+from coco_multilabel.callbacks.thresholds import ThresholdTuner
+from coco_multilabel.decisions.thresholds import (
     GRID,
-    ThresholdTuner,
     count_table,
     cross_fit,
     objective_of,

@@ -8,7 +8,7 @@ from coco_multilabel.data.feature_cache import FeatureCache
 from coco_multilabel.errors import UserError
 from coco_multilabel.models import MultiLabelClassifier, backbone_parts
 from coco_multilabel.models.backbones import efficientnet_lite, torchvision_backbone
-from coco_multilabel.models.classifier import read_checkpoint
+from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train

@@ -18,7 +18,7 @@ def trained(tiny_root, tmp_path_factory):
     """One tiny run of two epochs, shared by the tests that only read its outputs."""
     from hydra import compose, initialize_config_dir
 
-    from coco_multilabel.config import CONFIG_DIR
+    from coco_multilabel.cli import CONFIG_DIR
     from tests.conftest import TINY
 
     run_dir = tmp_path_factory.mktemp("run")
@@ -146,6 +146,26 @@ def test_val_probabilities_can_be_retuned_offline(trained, tiny_root, tmp_path):
     assert study[1]["macro_f1"] >= study[0]["macro_f1"]  # tuned on these labels: never worse than 0.5
     assert len(table) == 80 and {"ap", "threshold", "support"} <= table[0].keys()
     assert 0 <= scores["map"] <= 1
+
+
+def test_evaluate_scores_a_val_json_against_all_labels_when_told_to(trained, tiny_root, tmp_path):
+    run_dir, _ = trained
+    common = dict(num_workers=0, accelerator="cpu", progress_bar=False)
+    path = submit(str(run_dir / "checkpoints" / "best.ckpt"), str(tiny_root), str(tmp_path / "val.json"),
+                  images="val", **common)  # fmt: skip
+    labels = tiny_root / "labels" / "train"  # the natural command: every labelled image's folder
+    with pytest.raises(UserError, match="covers 12 of the 48 labelled images.*only_predicted=true"):
+        evaluate(path, labels)
+    val = evaluate(path, labels, only_predicted=True)
+    assert val == evaluate(path, labels_of(tmp_path / "val-labels", labels, json.loads(path.read_text())))
+
+
+def labels_of(folder, labels, stems):
+    """A label folder holding just ``stems``: what only_predicted must amount to."""
+    folder.mkdir()
+    for stem in stems:
+        (folder / f"{stem}.cls").write_bytes((labels / f"{stem}.cls").read_bytes())
+    return folder
 
 
 def test_cli_reports_a_missing_data_root_without_a_traceback(tmp_path):

@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from coco_multilabel.check_data import check_data
+from coco_multilabel.data.checks import check_data
 from coco_multilabel.data.synthetic import make_dataset
 from coco_multilabel.errors import UserError
 from coco_multilabel.unpack import main, unpack

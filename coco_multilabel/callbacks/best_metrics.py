@@ -34,3 +34,20 @@ class BestMetrics(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict["best"]
+
+
+def run_summary(trainer: L.Trainer) -> dict:
+    """What a finished fit reports: the best checkpoint, its score, the epochs, and the val metrics
+    of the best epoch (of the last one when no BestMetrics callback kept them)."""
+    checkpoint = trainer.checkpoint_callback
+    score = checkpoint.best_model_score if checkpoint else None
+    best_epoch = next((c.best for c in trainer.callbacks if isinstance(c, BestMetrics)), None)
+    last_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return {
+        "best_checkpoint": checkpoint.best_model_path if checkpoint else "",
+        "best_score": None if score is None else float(score),
+        "epochs": trainer.current_epoch,
+        "objective": checkpoint.monitor if checkpoint else None,
+        "objective_mode": checkpoint.mode if checkpoint else None,
+        **(best_epoch or last_epoch),
+    }

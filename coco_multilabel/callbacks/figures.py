@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from coco_multilabel import plots
-from coco_multilabel.callbacks.thresholds import ThresholdTuner, count_table
+from coco_multilabel.callbacks.thresholds import ThresholdTuner
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.data.datasets import CocoImages
 from coco_multilabel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from coco_multilabel.decisions.thresholds import count_table
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import per_class_table
+from coco_multilabel.reporting import plots
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 from pathlib import Path
 
 import lightning as L
@@ -13,80 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from coco_multilabel.classes import NUM_CLASSES
-from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad, labelled_stems
+from coco_multilabel.data.datasets import CocoImages, check_data_root, collate_skipping_bad, labelled_stems
 from coco_multilabel.data.feature_cache import CachedFeatures, build_or_load
+from coco_multilabel.data.split import load_or_make_split
 from coco_multilabel.data.transforms import eval_transform, train_transform
-from coco_multilabel.errors import UserError
-from coco_multilabel.io import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-DATA_ROOT_HELP = (
-    "set data.root to the folder unpacked from ms-coco.zip, the one holding images/train, "
-    "labels/train and images/test (e.g. `make train DATA=data/ms-coco`)"
-)
-
-
-def check_data_root(
-    root: str | Path | None, need: tuple[str, ...] = ("images/train", "labels/train")
-) -> Path:
-    """``root`` as a Path, or a UserError that says which folder was expected."""
-    if root in (None, "", "???"):
-        raise UserError(f"data.root is not set: {DATA_ROOT_HELP}")
-    root = Path(root).expanduser()
-    for sub in need:
-        if not (root / sub).is_dir():
-            raise UserError(f"{root / sub} is not a folder: {DATA_ROOT_HELP}")
-    return root
-
-
-def make_split(stems: list[str], val_fraction: float, seed: int) -> dict:
-    """A random, seeded, disjoint train/val split of ``stems`` (independent of their order)."""
-    if not 0 < val_fraction < 1:
-        raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
-    shuffled = sorted(stems)
-    random.Random(seed).shuffle(shuffled)
-    n_val = max(1, round(len(shuffled) * val_fraction))
-    return {
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "train": sorted(shuffled[n_val:]),
-        "val": sorted(shuffled[:n_val]),
-    }
-
-
-def load_or_make_split(split_file: Path | None, stems: list[str], val_fraction: float, seed: int) -> dict:
-    """Read the run's ``split.json`` when it exists (resume, submit), else make and write it."""
-    if split_file is not None and split_file.exists():
-        split = read_split(split_file)
-        missing = sorted(set(split["train"] + split["val"]) - set(stems))
-        if missing:
-            raise UserError(
-                f"{split_file} lists {len(missing)} images that data.root lacks (first: {missing[0]}); "
-                "point data.root at the data this run was trained on"
-            )
-        new = len(stems) - len(split["train"]) - len(split["val"])
-        if new:
-            log.warning("%d labelled images are not in %s and are left out", new, split_file)
-        return split
-    split = make_split(stems, val_fraction, seed)
-    if split_file is not None:
-        write_json_atomic(split_file, split, indent=1)
-    return split
-
-
-def read_split(split_file: Path) -> dict:
-    """A run's split, or a UserError: it is the one file of a run a user may be tempted to edit."""
-    try:
-        split = json.loads(split_file.read_text(encoding="utf-8"))
-        if not all(isinstance(split.get(key), list) for key in ("train", "val")):
-            raise ValueError('it needs the lists "train" and "val"')
-    except (ValueError, AttributeError, OSError) as err:
-        raise UserError(
-            f"{split_file} is not a valid split ({err}); restore it, or delete it to draw a new split "
-            "(the val images then change)"
-        ) from err
-    return split
 
 
 class CocoDataModule(L.LightningDataModule):

@@ -20,6 +20,25 @@ BAD_IMAGE_POLICIES = ("error", "skip")  # data.on_bad_image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
 
 
+DATA_ROOT_HELP = (
+    "set data.root to the folder unpacked from ms-coco.zip, the one holding images/train, "
+    "labels/train and images/test (e.g. `make train DATA=data/ms-coco`)"
+)
+
+
+def check_data_root(
+    root: str | Path | None, need: tuple[str, ...] = ("images/train", "labels/train")
+) -> Path:
+    """``root`` as a Path, or a UserError that says which folder was expected."""
+    if root in (None, "", "???"):
+        raise UserError(f"data.root is not set: {DATA_ROOT_HELP}")
+    root = Path(root).expanduser()
+    for sub in need:
+        if not (root / sub).is_dir():
+            raise UserError(f"{root / sub} is not a folder: {DATA_ROOT_HELP}")
+    return root
+
+
 def list_images(image_dir: str | Path) -> list[Path]:
     """The JPEG files of ``image_dir``, sorted by stem."""
     image_dir = Path(image_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -236,47 +235,3 @@ class MultiLabelClassifier(L.LightningModule):
             extra["restart_at"] = int(total_steps * hp.unfreeze_at_epoch / max(1, self.trainer.max_epochs))
         scheduler = instantiate(hp.scheduler)(optimizer, total_steps=int(total_steps), **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: dict | str | Path, source: str | Path = "checkpoint"
-    ) -> MultiLabelClassifier:
-        """Rebuild from a checkpoint (a path, or the dict ``read_checkpoint`` returned) without
-        downloading the backbone's pretrained weights again."""
-        if not isinstance(checkpoint, dict):
-            checkpoint, source = read_checkpoint(checkpoint), checkpoint
-        hparams = dict(checkpoint["hyper_parameters"])
-        backbone = dict(hparams["backbone"])
-        for key, empty in (("weights", None), ("pretrained", False), ("weights_file", None)):
-            if key in backbone:
-                backbone[key] = empty  # the checkpoint holds the trained weights
-        try:
-            model = cls(**{**hparams, "backbone": backbone})
-        except Exception as err:  # a backbone this installation cannot build: name it
-            raise UserError(
-                f"{source} holds a {backbone.get('name') or backbone.get('_target_')} model that cannot be "
-                f"rebuilt here ({type(err).__name__}: {err}); is it from another project or version?"
-            ) from err
-        try:
-            model.load_state_dict(checkpoint["state_dict"])
-        except RuntimeError as err:
-            raise UserError(f"{source} does not fit the model it describes: {err}") from err
-        return model.eval()
-
-
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A Lightning checkpoint of this project, or a UserError saying what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; runs keep theirs in <run dir>/checkpoints/")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise UserError(f"checkpoint {path} is not readable ({err}); is the file complete?") from err
-    if (
-        not isinstance(checkpoint, dict)
-        or "hyper_parameters" not in checkpoint
-        or "backbone" not in checkpoint.get("hyper_parameters", {})
-    ):
-        raise UserError(f"{path} is not a coco-multilabel checkpoint (no model hyper-parameters in it)")
-    return checkpoint

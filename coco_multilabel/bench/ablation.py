@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from coco_multilabel.bench import PLAIN as PLAIN_RECIPE
-from coco_multilabel.bench import recipe
-from coco_multilabel.callbacks.thresholds import evaluate_thresholds
+from coco_multilabel.bench.speed import PLAIN as PLAIN_RECIPE
+from coco_multilabel.bench.speed import recipe
 from coco_multilabel.data.labels import read_label_dir, to_multi_hot
+from coco_multilabel.decisions.probabilities import read_probabilities
+from coco_multilabel.decisions.thresholds import evaluate_thresholds
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.submit import submit
 
@@ -69,7 +70,7 @@ def tta_scores(checkpoint: str, root: str, out: Path) -> dict:
     """Val scores of a checkpoint predicted with and without its mirror images averaged in."""
     path = submit(checkpoint, root, str(out / "val-tta.json"), images="val", save_probs=True, tta=True,
                   progress_bar=False)  # fmt: skip
-    saved = torch.load(path.with_suffix(".probs.pt"), weights_only=False)
+    saved = read_probabilities(path.with_suffix(".probs.pt"))
     labels = read_label_dir(Path(root) / "labels" / "train", stems=saved["stems"])
     targets = torch.stack([to_multi_hot(labels[s]) for s in saved["stems"]])
     scores = evaluate_thresholds(saved["probs"], targets, "global", "macro_f1")
@@ -128,7 +129,7 @@ def write_table(args, rows: list[tuple], path: Path) -> Path:
         lines.append(
             f"| {name} | **{score:.3f}** | {at_half:.3f} | {xfit:.3f} | {map_:.3f} | {ratio} | {wall:.0f} |"
         )
-    command = " ".join(["python -m coco_multilabel.ablation", *sys.argv[1:]])
+    command = " ".join(["python -m coco_multilabel.bench.ablation", *sys.argv[1:]])
     text = (
         f"# make ablation\n\n`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.budget_minutes:g} min per row, data.val_fraction={args.val_fraction}\n\n"

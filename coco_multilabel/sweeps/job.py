@@ -23,10 +23,10 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from coco_multilabel.config import in_multirun
-from coco_multilabel.devices import acquire_device, visible_devices
+from coco_multilabel.cli import in_multirun
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_json_atomic
+from coco_multilabel.sweeps.devices import acquire_device, visible_devices
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve  # noqa: E402
 
-from coco_multilabel.callbacks.thresholds import GRID, count_table  # noqa: E402
+from coco_multilabel.decisions.thresholds import GRID, count_table  # noqa: E402
 from coco_multilabel.metrics import average_precision, safe_divide, score_tensors  # noqa: E402
 
 CURVE_POINTS = 101  # thresholds of a class's PR curve: exact curves of 40k images are slow to draw

@@ -59,15 +59,28 @@ def parse_submission(text: str, source: str = "submission") -> dict:
         raise UserError(f"{source} is not valid JSON: {err}") from err
 
 
-def read_submission(path: str | Path, stems: list[str]) -> dict[str, list[int]]:
+def parse_submission_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictions file {path} does not exist")
-    predictions = parse_submission(path.read_text(encoding="utf-8"), str(path))
+    return parse_submission(path.read_text(encoding="utf-8"), str(path))
+
+
+def read_submission(path: str | Path, stems: list[str], hint_subset: bool = False) -> dict[str, list[int]]:
+    """The predictions of ``path``, checked against ``stems`` as the leaderboard checks them.
+    ``hint_subset``: a JSON covering fewer stems says how to score just those."""
+    predictions = parse_submission_file(path)
     try:
         validate_submission(predictions, stems)
     except UserError as err:
-        raise UserError(f"{path}: {err}") from None
+        hint = ""
+        if hint_subset and predictions.keys() < set(stems):
+            hint = (
+                f"; it covers {len(predictions)} of the {len(stems)} labelled images: to score only "
+                "those (e.g. a val split's predictions) add only_predicted=true "
+                "(make evaluate ... ARGS=only_predicted=true), or score their probabilities with PROBS="
+            )
+        raise UserError(f"{path}: {err}{hint}") from None
     return predictions
 
 

@@ -11,10 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from coco_multilabel.devices import visible_devices
 from coco_multilabel.errors import UserError
+from coco_multilabel.sweeps.devices import visible_devices
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
 
 
 def run_dir_for(ckpt_path: str | None, default: str) -> str:

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from coco_multilabel.config import CONFIG_DIR
+from coco_multilabel.cli import CONFIG_DIR
 from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.models import MultiLabelClassifier
@@ -128,7 +128,7 @@ def allocator_ratio(root: str, image_size: int) -> float:
         if tunables:
             env["GLIBC_TUNABLES"] = tunables
         out = subprocess.run(
-            [sys.executable, "-m", "coco_multilabel.bench", "--data", root, "--only-model-step",
+            [sys.executable, "-m", "coco_multilabel.bench.speed", "--data", root, "--only-model-step",
              "--image-size", str(image_size)],
             env=env, capture_output=True, text=True, check=True,
         )  # fmt: skip
@@ -212,7 +212,7 @@ def main() -> None:
         "| --- | ---: | --- |",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
     ]
-    command = " ".join(["python -m coco_multilabel.bench", *sys.argv[1:]])
+    command = " ".join(["python -m coco_multilabel.bench.speed", *sys.argv[1:]])
     text = f"# make bench\n\n`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}\n\n"
     text += "\n".join(table) + "\n"
     print(f"written to {write_text_atomic(out / 'bench.md', text)}")

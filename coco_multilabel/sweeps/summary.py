@@ -2,7 +2,7 @@
 
 Built only from the jobs' folders (their ``result.json``, or ``.hydra/overrides.yaml`` for a job
 that has not written one yet), so it can be rebuilt at any time, also while jobs still run:
-``python -m coco_multilabel.summary DIR`` (``make sweep-report DIR=...``). A Hydra callback
+``python -m coco_multilabel.sweeps.summary DIR`` (``make sweep-report DIR=...``). A Hydra callback
 rebuilds it after every job and at the end of every multirun.
 """
 
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_text_atomic
-from coco_multilabel.sweep import read_result
+from coco_multilabel.sweeps.job import read_result
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -146,7 +146,7 @@ def _cell(value) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.exit("usage: python -m coco_multilabel.summary SWEEP_DIR   (make sweep-report DIR=...)")
+        sys.exit("usage: python -m coco_multilabel.sweeps.summary SWEEP_DIR   (make sweep-report DIR=...)")
     try:
         path = write_summary(args[0])
     except UserError as err:

@@ -1,0 +1,68 @@
+"""Checkpoints of this project: read one, rebuild its model, check that a run may resume from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from coco_multilabel.classes import NUM_CLASSES
+from coco_multilabel.errors import UserError
+from coco_multilabel.models.classifier import MultiLabelClassifier
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A Lightning checkpoint of this project, or a UserError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; runs keep theirs in <run dir>/checkpoints/")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise UserError(f"checkpoint {path} is not readable ({err}); is the file complete?") from err
+    if (
+        not isinstance(checkpoint, dict)
+        or "hyper_parameters" not in checkpoint
+        or "backbone" not in checkpoint.get("hyper_parameters", {})
+    ):
+        raise UserError(f"{path} is not a coco-multilabel checkpoint (no model hyper-parameters in it)")
+    return checkpoint
+
+
+def load_model(checkpoint: dict | str | Path, source: str | Path = "checkpoint") -> MultiLabelClassifier:
+    """Rebuild the model of a checkpoint (a path, or the dict ``read_checkpoint`` returned) in eval
+    mode, without downloading the backbone's pretrained weights again: the checkpoint holds them."""
+    if not isinstance(checkpoint, dict):
+        checkpoint, source = read_checkpoint(checkpoint), checkpoint
+    hparams = dict(checkpoint["hyper_parameters"])
+    backbone = dict(hparams["backbone"])
+    for key, empty in (("weights", None), ("pretrained", False), ("weights_file", None)):
+        if key in backbone:
+            backbone[key] = empty
+    try:
+        model = MultiLabelClassifier(**{**hparams, "backbone": backbone})
+    except Exception as err:  # a backbone this installation cannot build: name it
+        raise UserError(
+            f"{source} holds a {backbone.get('name') or backbone.get('_target_')} model that cannot be "
+            f"rebuilt here ({type(err).__name__}: {err}); is it from another project or version?"
+        ) from err
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{source} does not fit the model it describes: {err}") from err
+    return model.eval()
+
+
+def check_resumable(ckpt_path: str | Path, backbone: dict, num_classes: int = NUM_CLASSES) -> None:
+    """Resuming with another backbone or class count would fail deep in Lightning; say why here."""
+    saved = read_checkpoint(ckpt_path)["hyper_parameters"]
+    if saved["backbone"] != backbone:
+        raise UserError(
+            f"{ckpt_path} was trained with backbone {saved['backbone']}, "
+            f"but this run asks for {backbone}; resume with the same backbone settings"
+        )
+    if saved.get("num_classes", NUM_CLASSES) != num_classes:
+        raise UserError(
+            f"{ckpt_path} predicts {saved.get('num_classes')} classes, but this run has {num_classes}; "
+            "resume with the same model.num_classes or start a new run"
+        )

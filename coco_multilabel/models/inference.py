@@ -1,0 +1,61 @@
+"""Class probabilities of image files, as a checkpoint's model sees them: its eval transform and
+image size, its flip TTA, decoded in workers at reduced size. Shared by submit, predict and report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from coco_multilabel.data.datamodule import default_num_workers
+from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
+from coco_multilabel.data.transforms import checkpoint_eval_transform
+from coco_multilabel.models.classifier import MultiLabelClassifier
+
+
+def checkpoint_image_size(checkpoint: dict) -> int:
+    return checkpoint.get("datamodule_hyper_parameters", {}).get("image_size", 224)
+
+
+def predict_files(
+    model: MultiLabelClassifier,
+    checkpoint: dict,
+    paths: list[Path],
+    image_size: int | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    accelerator: str = "auto",
+    progress_bar: bool = True,
+    on_bad_image: str = "error",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, kept)``: N x C probabilities of the readable images and which of ``paths`` they are
+    (all of them unless ``on_bad_image="skip"`` left some out)."""
+    size = image_size or checkpoint_image_size(checkpoint)
+    dataset = CocoImages(
+        paths, transform=checkpoint_eval_transform(checkpoint, size), min_side=size, on_bad_image=on_bad_image
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=default_num_workers() if num_workers is None else num_workers,
+        collate_fn=collate_skipping_bad,
+    )
+    readable = ReadableImages()
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=progress_bar,
+        enable_model_summary=False, callbacks=[readable],
+    )  # fmt: skip
+    probs = torch.cat(trainer.predict(model, loader)).float().cpu()
+    return probs, torch.cat(readable.masks)
+
+
+class ReadableImages(L.Callback):
+    """Which images of each predict batch could be read: the mask of ``collate_skipping_bad``."""
+
+    def __init__(self):
+        self.masks: list[torch.Tensor] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.masks.append(batch[2].cpu())
