@@ -24,7 +24,7 @@ from coco_multilabel.data.datasets import DATA_ROOT_HELP, check_data_root, list_
 from coco_multilabel.data.labels import CHECK_DATA_HINT, to_multi_hot
 from coco_multilabel.data.split import split_image_paths
 from coco_multilabel.decisions.probabilities import save_probabilities
-from coco_multilabel.decisions.submission import decide_labels, write_submission
+from coco_multilabel.decisions.submission import decide_with_fallback, write_submission
 from coco_multilabel.errors import UserError
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
 from coco_multilabel.models.inference import predict_files
@@ -67,14 +67,12 @@ def submit(
     probs = to_multi_hot(fallback).repeat(len(stems), 1)
     probs[kept] = predicted
     thresholds = choose_thresholds(model, checkpoint, threshold)
-    labels = decide_labels(probs, thresholds, min_labels)
-    skipped = torch.nonzero(~kept).flatten().tolist()
-    for i in skipped:
-        labels[i] = list(fallback)
-    if skipped:
+    labels = decide_with_fallback(probs, kept, thresholds, min_labels, fallback)
+    if not kept.all():
+        first = paths[int(torch.nonzero(~kept)[0])]
         log.warning(
             "%d images are unreadable and get the fallback labels %s (first: %s); %s",
-            len(skipped), fallback, paths[skipped[0]], CHECK_DATA_HINT,
+            int((~kept).sum()), fallback, first, CHECK_DATA_HINT,
         )  # fmt: skip
     path = write_submission(output, dict(zip(stems, labels, strict=True)), stems)
     if save_probs:

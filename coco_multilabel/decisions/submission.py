@@ -20,6 +20,17 @@ def decide_labels(probs: torch.Tensor, thresholds: torch.Tensor, min_labels: int
     return [torch.nonzero(row).flatten().tolist() for row in chosen]
 
 
+def decide_with_fallback(
+    probs: torch.Tensor, kept: torch.Tensor, thresholds: torch.Tensor, min_labels: int, fallback: list[int]
+) -> list[list[int]]:
+    """:func:`decide_labels` for the images that could be read (``kept``); the others get
+    ``fallback``: the leaderboard rejects a JSON that lacks a stem."""
+    labels = decide_labels(probs, thresholds, min_labels)
+    for i in torch.nonzero(~kept).flatten().tolist():
+        labels[i] = list(fallback)
+    return labels
+
+
 def validate_submission(predictions, stems: list[str], num_classes: int = NUM_CLASSES) -> None:
     """Raise a UserError naming the first key that breaks the format, or the first missing stem."""
     if not isinstance(predictions, dict):
