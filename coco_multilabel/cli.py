@@ -46,8 +46,8 @@ def in_multirun() -> bool:
 
 
 def report_user_errors(main):
-    """Print a UserError as one clear line and exit 2, instead of a traceback. In a multirun the
-    error is raised on, so that Hydra marks that job failed and the other jobs go on."""
+    """Print a UserError as one clear line and exit 2, instead of a traceback. In a multirun that
+    job ends there (its result.json says why) and the other jobs go on; the sweep exits 1 at the end."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -61,7 +61,7 @@ def report_user_errors(main):
                 raise
             logging.getLogger(main.__module__).error("error: %s", cause)
             if in_multirun():
-                raise
+                return None
             sys.exit(2)
 
     return wrapper

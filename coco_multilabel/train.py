@@ -1,8 +1,8 @@
 """Train: ``python -m coco_multilabel.train data.root=DIR [backbone=NAME] [key=value ...]``.
 
-Reads as the recipe: seed, data, model, callbacks, loggers, trainer, fit; then write the best
-epoch's thresholds beside its checkpoint and print what to run next. ``-m`` runs a sweep, one job
-per device (``sweeps/job.py``).
+Reads as the recipe: seed, the schedule and its options checked, data, model, callbacks, loggers,
+trainer, then one fit per phase; then write the best epoch's thresholds beside its checkpoint and
+print what to run next. ``-m`` runs a sweep, one job per device (``sweeps/job.py``).
 """
 
 from __future__ import annotations
@@ -15,49 +15,48 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from coco_multilabel.callbacks.best_metrics import run_summary
+from coco_multilabel.callbacks.budget import RunBudget, parse_duration
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.cli import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datasets import check_data_root
-from coco_multilabel.errors import UserError
 from coco_multilabel.io import AtomicCheckpointIO, write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
+from coco_multilabel.models.backbones import without_downloads
 from coco_multilabel.models.checkpoints import check_resumable, read_checkpoint
 from coco_multilabel.reporting.run_summary import print_summary
 from coco_multilabel.sweeps.job import run_job
+from coco_multilabel.training.options import check_options
+from coco_multilabel.training.phases import fit_phases
+from coco_multilabel.training.schedule import phases_from_config
 
 
 def train(cfg: DictConfig) -> dict:
     """Fit a model as ``cfg`` says; return the run's summary (best checkpoint, score, val metrics)."""
+    budget = RunBudget(parse_duration(cfg.trainer.get("max_time")))  # the whole run, from now
     L.seed_everything(cfg.seed, workers=True)
     check_data_root(cfg.data.root)
+    phases = phases_from_config(cfg.schedule, cfg.trainer.get("max_epochs"))
+    check_options(cfg, phases)
     backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
+    backbone_cfg = without_downloads(backbone_cfg) if cfg.offline else backbone_cfg
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, backbone_cfg, cfg.model.get("num_classes", NUM_CLASSES))
     datamodule = instantiate(cfg.data, split_file=str(Path(cfg.run_dir) / "split.json"), _convert_="all")
     model = MultiLabelClassifier(
-        backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), loss=cfg.get("loss"),
+        backbone=backbone_cfg, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), loss=cfg.get("loss"),
         **cfg.model,
     )  # fmt: skip
-    # linear probe then fine-tune: cached features until the backbone unfreezes, then images
-    switch_at = None if cfg.model.freeze_backbone else cfg.model.get("unfreeze_at_epoch")
-    if cfg.data.cache_features:
-        if not cfg.model.freeze_backbone and not switch_at:
-            raise UserError(
-                "data.cache_features=true needs model.freeze_backbone=true or model.unfreeze_at_epoch: "
-                "the features of a backbone that trains change every step"
-            )
-        datamodule.use_feature_cache(
-            model.trunk_features, backbone_cfg, until_epoch=switch_at, cut=model.trunk_cut()
-        )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    if any(phase.inputs == "cache" and phase.epochs for phase in phases):
+        datamodule.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
+    callbacks = [*(instantiate(c) for c in cfg.callbacks.values() if c), budget]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    switching = {"reload_dataloaders_every_n_epochs": 1} if cfg.data.cache_features and switch_at else {}
-    # not a config option: a checkpoint half-written by a killed run is never wanted
+    # the budget and the epoch cap are the run's, over all phases; a half-written checkpoint is never wanted
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **switching
-    )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    summary = run_summary(trainer)
+        cfg.trainer, max_epochs=1, max_time=None, callbacks=callbacks, logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+    )  # fmt: skip
+    fit_phases(trainer, model, datamodule, phases, cfg.ckpt_path, budget)
+    summary = {**run_summary(trainer), "phases": [p.record() for p in phases], "cut_epoch": budget.cut}
     if summary["best_checkpoint"]:
         tuning = read_checkpoint(summary["best_checkpoint"]).get("threshold_tuning", {})
         summary["threshold"] = tuning.get("global_threshold")

@@ -25,6 +25,18 @@ TINY = [
 ]
 
 
+def tiny(*overrides: str) -> list[str]:
+    """TINY, then ``overrides``; an ``experiment=`` or ``backbone=`` among them replaces TINY's."""
+    dropped = {key for key in ("experiment", "backbone") if any(o.startswith(f"{key}=") for o in overrides)}
+    kept = [o for o in TINY if not any(o.lstrip("~").startswith(key) for key in dropped)]
+    return [*kept, *overrides]
+
+
+def compose_tiny(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=tiny(*overrides))
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """48 labelled and 8 test images of 48 px in the challenge layout."""
@@ -36,16 +48,7 @@ def train_cfg(tiny_root, tmp_path):
     """The real train config with tiny overrides; extra overrides as arguments."""
 
     def make(*overrides: str, run_dir=None):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(
-                "train",
-                overrides=[
-                    *TINY,
-                    f"data.root={tiny_root}",
-                    f"run_dir={run_dir or tmp_path / 'run'}",
-                    *overrides,
-                ],
-            )
+        return compose_tiny(f"data.root={tiny_root}", f"run_dir={run_dir or tmp_path / 'run'}", *overrides)
 
     return make
 
@@ -61,7 +64,7 @@ def tensorboard_run(tiny_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tensorboard_run")
     overrides = [
         *TINY, f"data.root={tiny_root}", f"run_dir={run_dir}", "logger=tensorboard", "trainer.max_epochs=2",
-        "model.freeze_backbone=true", "data.cache_features=true", f"data.cache_dir={run_dir / 'cache'}",
+        "schedule=probe", f"data.cache_dir={run_dir / 'cache'}",
         "callbacks.figures.examples=4",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

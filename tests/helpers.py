@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: Path, new_session: bool = False) -> subprocess.CompletedProcess:
+    """``python -m coco_multilabel.train TINY ARGS`` on the worktree's code, from ``cwd``
+    (an ``experiment=`` in ``args`` replaces TINY's ``~experiment``)."""
+    from tests.conftest import tiny
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "coco_multilabel.train", *tiny(*args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600, start_new_session=new_session,
+    )  # fmt: skip
+
+
+class WeightRecorder(L.Callback):
+    """After every training epoch each process appends its epoch, phase and exact digests of the
+    backbone's and the head's weights to ``<folder>/rank<r>.jsonl``: DDP ranks must agree."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        def digest(module):
+            return hashlib.sha256(
+                b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters())
+            ).hexdigest()
+
+        record = {"epoch": trainer.current_epoch, "phase": pl_module.phase.name,
+                  "backbone": digest(pl_module.backbone), "head": digest(pl_module.head)}  # fmt: skip
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
 
 
 class KillAtEpoch(L.Callback):

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf, open_dict
 
 from coco_multilabel.cli import CONFIG_DIR, run_dir_for
 from coco_multilabel.models import MultiLabelClassifier
+from coco_multilabel.training.options import check_options
+from coco_multilabel.training.schedule import phases_from_config
 
 CONF = Path(CONFIG_DIR)
 GROUPS = (
@@ -62,9 +64,11 @@ def offline(cfg) -> None:
 
 
 def build(cfg) -> None:
-    """Instantiate everything the config names: model (backbone, head, loss), optimizer, schedule,
-    datamodule, callbacks, loggers and trainer."""
+    """Check the schedule and its options as train does, and instantiate everything the config
+    names: model (backbone, head, loss), optimizer, lr schedule, datamodule, callbacks, loggers and
+    trainer."""
     offline(cfg)
+    check_options(cfg, phases_from_config(cfg.schedule, cfg.trainer.max_epochs))
     model = MultiLabelClassifier(
         backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), loss=cfg.get("loss"),
         **cfg.model,
@@ -75,7 +79,7 @@ def build(cfg) -> None:
     instantiate(cfg.data, split_file=None, _convert_="all")
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    instantiate(cfg.trainer, max_epochs=1, max_time=None, callbacks=callbacks, logger=loggers or False)
 
 
 def compose_train(overrides, tmp_path, tiny_root, config="train"):
@@ -85,9 +89,9 @@ def compose_train(overrides, tmp_path, tiny_root, config="train"):
 
 @pytest.mark.parametrize(
     "override",
-    # backbones with lp_ft, the recipe every backbone supports; the rest with the default recipe
-    [f"{g}={o}" for g in GROUPS for o in options(g) if g != "backbone"]
-    + [f"backbone={o} experiment=lp_ft" for o in options("backbone")],
+    # each with the default recipe; a schedule without a top phase without the cut at the top
+    [f"{g}={o}" for g in GROUPS for o in options(g) if g != "schedule"]
+    + [f"schedule={o}" + ("" if o == "top" else " model.top_stages=0") for o in options("schedule")],
 )
 def test_every_group_option_composes_and_builds(override, tmp_path, tiny_root):
     build(compose_train(override.split(), tmp_path, tiny_root))
@@ -101,7 +105,7 @@ def test_every_sweep_job_composes_and_builds(job, tmp_path, tiny_root):
 def test_the_demo_composes_and_builds_its_own_recipe(tmp_path, tiny_root):
     cfg = compose_train([], tmp_path, tiny_root, config="demo")
     assert cfg.loss == {"_target_": "torch.nn.BCEWithLogitsLoss"}  # nothing of pos_weight leaks in
-    assert not cfg.model.freeze_backbone and not cfg.data.cache_features
+    assert list(cfg.schedule) == ["finetune"] and cfg.schedule.finetune.inputs == "images"
     build(cfg)
 
 

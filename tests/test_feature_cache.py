@@ -40,11 +40,15 @@ def test_cache_key_changes_with_every_part_and_only_then(images, tmp_path):
 
 def test_cached_features_equal_fresh_ones_and_are_reused(images, tmp_path):
     backbone = torchvision_backbone("mobilenet_v3_small").eval()
+
+    def extract(images):  # uint8 images, as the transforms make them
+        return backbone(images.float() / 255)
+
     transform = eval_transform(image_size=32)
-    cache = build_or_load(tmp_path, images, backbone, BACKBONE, transform, flip=True, batch_size=4)
+    cache = build_or_load(tmp_path, images, extract, BACKBONE, transform, flip=True, batch_size=4)
     batch = torch.stack([CocoImages(images, transform=transform)[i][0] for i in range(len(images))])
     with torch.no_grad():
-        fresh, flipped = backbone(batch), backbone(batch.flip(-1))
+        fresh, flipped = extract(batch), extract(batch.flip(-1))
     assert cache.stems == [p.stem for p in images]
     torch.testing.assert_close(torch.from_numpy(cache.features[:]), fresh, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.from_numpy(cache.flipped[:]), flipped, atol=1e-5, rtol=1e-4)
@@ -52,19 +56,18 @@ def test_cached_features_equal_fresh_ones_and_are_reused(images, tmp_path):
     def must_not_run(_):
         raise AssertionError("a cache hit must not recompute features")
 
-    backbone.forward = must_not_run
-    again = build_or_load(tmp_path, images, backbone, BACKBONE, transform, flip=True)
+    again = build_or_load(tmp_path, images, must_not_run, BACKBONE, transform, flip=True)
     assert again.stems == cache.stems
     assert [p.name for p in tmp_path.iterdir()] == [cache_key(BACKBONE, transform, images, True)]
 
 
 def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg, tmp_path):
     # SGD: Adam would turn float noise in near-zero gradients into full-size steps
-    same = ["model.freeze_backbone=true", "model.dropout=0", "data.augment=false", "trainer.max_epochs=2",
-            "optimizer=sgd"]  # fmt: skip
-    on_the_fly = train(train_cfg(*same, run_dir=tmp_path / "fly"))
-    cached = train(train_cfg(*same, "data.cache_features=true", f"data.cache_dir={tmp_path / 'cache'}",
-                             "data.cache_flip=false", run_dir=tmp_path / "cached"))  # fmt: skip
+    same = ["schedule=probe", "model.dropout=0", "data.augment=false", "trainer.max_epochs=2",
+            "optimizer=sgd", "model.tta=false"]  # fmt: skip
+    on_the_fly = train(train_cfg(*same, "schedule.probe.inputs=images", run_dir=tmp_path / "fly"))
+    cached = train(train_cfg(*same, f"data.cache_dir={tmp_path / 'cache'}", "data.cache_flip=false",
+                             run_dir=tmp_path / "cached"))  # fmt: skip
     models = [load_model(tmp_path / run / "checkpoints" / "last.ckpt")
               for run in ("fly", "cached")]  # fmt: skip
     cache = FeatureCache.load(next((tmp_path / "cache").iterdir()))
@@ -79,8 +82,8 @@ def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg,
 def test_caching_needs_a_frozen_backbone(train_cfg):
     from coco_multilabel.errors import UserError
 
-    with pytest.raises(UserError, match="freeze_backbone"):
-        train(train_cfg("data.cache_features=true"))
+    with pytest.raises(UserError, match="schedule.finetune trains everything on cached features"):
+        train(train_cfg("schedule.finetune.inputs=cache"))
 
 
 def test_reduced_size_decode_keeps_the_requested_size(tmp_path):

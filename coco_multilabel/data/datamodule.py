@@ -22,11 +22,10 @@ log = logging.getLogger(__name__)
 class CocoDataModule(L.LightningDataModule):
     """Labelled images split into train and val (submit reads the test images itself).
 
-    After ``use_feature_cache(extract, cfg)`` it serves cached backbone features instead of
-    images (see feature_cache.py): for training the head (and top) of a frozen backbone. With ``until_epoch``
-    it serves them for the epochs before it and images from then on (linear probe, then fine-tune;
-    the trainer must reload its dataloaders every epoch). Val features come in (image, mirror
-    image) pairs, for flip test-time augmentation.
+    After ``use_feature_cache(extract, cfg)`` it can serve what a frozen backbone part makes of
+    each image, computed once (feature_cache.py), instead of the images: ``serve("cache")`` or
+    ``serve("images")`` before each phase's fit. Cached val features come in (image, mirror image)
+    pairs, for flip test-time augmentation; in training the mirror image's stands in for a flip.
     """
 
     def __init__(
@@ -45,7 +44,6 @@ class CocoDataModule(L.LightningDataModule):
         randaugment_ops: int = 0,
         randaugment_magnitude: int = 9,
         cutout_prob: float = 0.0,
-        cache_features: bool = False,
         cache_dir: str = "outputs/cache",
         cache_flip: bool = True,
         num_classes: int = NUM_CLASSES,
@@ -57,19 +55,25 @@ class CocoDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.split: dict | None = None
         self._extract = None
-        self._cache_until: int | None = None
         self._cache_cut: dict | None = None
+        self.inputs = "images"
         # Counted here, in the main process: the workers that skip images cannot report to it.
         self.skipped_images = 0
 
-    def use_feature_cache(
-        self, extract, backbone_cfg: dict, until_epoch: int | None = None, cut: dict | None = None
-    ) -> None:
-        """Serve what ``extract`` (an eval-mode backbone, or a model's ``trunk_features``) makes of
-        the images, cached on disk, instead of images (only before ``until_epoch`` when it is set);
-        ``cut`` says where in the backbone ``extract`` ends (see ``build_or_load``)."""
-        self._extract, self._backbone_cfg, self._cache_until = extract, backbone_cfg, until_epoch
-        self._cache_cut = cut
+    def use_feature_cache(self, extract, backbone_cfg: dict, cut: dict | None = None) -> None:
+        """Build (or find) the cache of what ``extract`` (a model's ``trunk_features``) makes of the
+        images at setup; ``cut`` says where in the backbone ``extract`` ends (see ``build_or_load``)."""
+        self._extract, self._backbone_cfg, self._cache_cut = extract, backbone_cfg, cut
+
+    def serve(self, inputs: str) -> None:
+        """``cache`` or ``images``: what the next fit's dataloaders yield."""
+        if inputs == "cache" and self._extract is None:
+            raise ValueError("serve('cache') needs use_feature_cache() first")
+        self.inputs = inputs
+
+    def train_targets(self) -> torch.Tensor:
+        """N x C multi-hot targets of the train split (for losses weighted by class frequency)."""
+        return torch.stack(list(self.train_images.targets))
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -86,7 +90,7 @@ class CocoDataModule(L.LightningDataModule):
         )  # fmt: skip
         # decode at reduced scale, keeping enough pixels for the smallest random crop
         train_side = int(hp.image_size / hp.crop_scale[0] ** 0.5) if hp.augment else hp.image_size
-        self.train_set = CocoImages.labelled(
+        self.train_images = CocoImages.labelled(
             root,
             self.split["train"],
             augment if hp.augment else evaluate,
@@ -94,25 +98,20 @@ class CocoDataModule(L.LightningDataModule):
             min_side=train_side,
             on_bad_image=hp.on_bad_image,
         )
-        self.val_set = CocoImages.labelled(
+        self.val_images = CocoImages.labelled(
             root, self.split["val"], evaluate, hp.num_classes, hp.image_size, hp.on_bad_image
         )
         if self._extract is not None:
-            images = sorted(self.train_set.image_paths + self.val_set.image_paths, key=lambda p: p.stem)
+            images = sorted(self.train_images.image_paths + self.val_images.image_paths, key=lambda p: p.stem)
             cache = build_or_load(
                 hp.cache_dir, images, self._extract, self._backbone_cfg, evaluate,
                 flip=hp.cache_flip, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
                 cut=self._cache_cut,
             )  # fmt: skip
-            self.train_images, self.val_images = self.train_set, self.val_set
-            self.train_set = CachedFeatures(cache, self.train_set.stems, self.train_set.targets, hp.augment)
-            self.val_set = CachedFeatures(cache, self.val_set.stems, self.val_set.targets, pairs=True)
-
-    def _serve_features(self) -> bool:
-        if self._cache_until is None:
-            return True
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return epoch < self._cache_until
+            flip = hp.hflip_prob if hp.augment else 0.0
+            train, val = self.train_images, self.val_images
+            self.train_features = CachedFeatures(cache, train.stems, train.targets, flip)
+            self.val_features = CachedFeatures(cache, val.stems, val.targets, pairs=True)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Drop the ``kept`` mask of :func:`collate_skipping_bad`, counting what it left out."""
@@ -121,12 +120,12 @@ class CocoDataModule(L.LightningDataModule):
         return inputs, targets
 
     def train_dataloader(self) -> DataLoader:
-        train_set = self.train_set if self._serve_features() else self.train_images
+        train_set = self.train_features if self.inputs == "cache" else self.train_images
         drop_last = len(train_set) > self.hparams.batch_size
         return self._loader(train_set, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set if self._serve_features() else self.val_images)
+        return self._loader(self.val_features if self.inputs == "cache" else self.val_images)
 
     def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers  # memory-mapped rows

@@ -38,7 +38,7 @@ def cache_key(
     """A hash of everything that determines the cached features."""
     weights_file = backbone_cfg.get("weights_file")
     parts = {
-        **({"cut": cut} if cut else {}),  # keys of whole-backbone caches stay as they were
+        "cut": cut,  # where the trunk ends, and the normalisation before it
         "backbone": backbone_cfg,
         "weights_file": _file_identity(Path(weights_file)) if weights_file else None,
         "transform": repr(transform),
@@ -99,9 +99,8 @@ def build_or_load(
         with torch.no_grad():
             start = 0
             for images, _ in track(loader, description=f"caching features of {len(image_paths)} images"):
-                images = images.contiguous(memory_format=torch.channels_last)
                 for name, flipped in files.items():
-                    out = extract(images.flip(-1) if flipped else images).float().numpy()
+                    out = extract(images.flip(-1) if flipped else images).float().cpu().numpy()
                     if name not in arrays:
                         dtype = np.float32 if out.ndim == 2 else np.float16
                         arrays[name] = np.lib.format.open_memmap(
@@ -128,21 +127,22 @@ def build_or_load(
 
 
 class CachedFeatures(Dataset):
-    """(feature, target) pairs for ``stems`` of a cache, as float32; ``augment`` picks the flipped
-    copy half the time, ``pairs`` serves both copies (2 x ...) for flip test-time augmentation."""
+    """(feature, target) pairs for ``stems`` of a cache, as stored (float16 maps stay float16: the
+    model casts); ``flip_prob`` serves the mirror image's copy that often, as a random flip would,
+    ``pairs`` serves both copies (2 x ...) for flip test-time augmentation."""
 
     def __init__(
         self,
         cache: FeatureCache,
         stems: list[str],
         targets: list[torch.Tensor],
-        augment: bool = False,
+        flip_prob: float = 0.0,
         pairs: bool = False,
     ):
         index = {stem: i for i, stem in enumerate(cache.stems)}
         self.rows = [index[s] for s in stems]
         self.cache, self.targets = cache, targets
-        self.augment = augment and cache.flipped is not None
+        self.flip_prob = flip_prob if cache.flipped is not None else 0.0
         self.pairs = pairs and cache.flipped is not None
 
     def __len__(self) -> int:
@@ -152,9 +152,10 @@ class CachedFeatures(Dataset):
         if self.pairs:
             row = self.rows[i]
             pair = np.stack([self.cache.features[row], self.cache.flipped[row]])
-            return torch.from_numpy(pair).float(), self.targets[i]
-        source = self.cache.flipped if self.augment and torch.rand(()) < 0.5 else self.cache.features
-        return torch.from_numpy(np.array(source[self.rows[i]])).float(), self.targets[i]
+            return torch.from_numpy(pair), self.targets[i]
+        flipped = self.flip_prob and torch.rand(()) < self.flip_prob
+        source = self.cache.flipped if flipped else self.cache.features
+        return torch.from_numpy(np.array(source[self.rows[i]])), self.targets[i]
 
 
 def _file_identity(path: Path) -> list:

@@ -1,4 +1,4 @@
-"""The LightningModule: a pretrained backbone, a dropout + linear head over 80 logits, a loss."""
+"""The LightningModule: a staged backbone, a head over 80 logits, a loss, trained phase by phase."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import metric_collection
-from coco_multilabel.models import backbone_parts
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
+from coco_multilabel.training.schedule import Phase
 
 HEADS = ("linear", "csra")
 
@@ -27,19 +27,17 @@ class MultiLabelClassifier(L.LightningModule):
     """Multi-label classifier. ``backbone``, ``optimizer``, ``scheduler`` and ``loss`` are Hydra
     configs (dicts with ``_target_``), kept in the checkpoint so that it rebuilds the model alone.
 
-    The decision thresholds are a buffer, so they travel inside every checkpoint; the
-    ThresholdTuner callback sets them, and logs the val metrics, at each validation.
+    Images come in as they are decoded (uint8, or floats in [0, 1]) and are normalised here with
+    the backbone's own statistics, on whatever device the model is: the preprocessing travels with
+    the checkpoint. The decision thresholds are a buffer, so they travel inside every checkpoint;
+    the ThresholdTuner callback sets them at each validation.
 
-    ``unfreeze_at_epoch`` is the linear-probe-then-fine-tune schedule: the backbone stays frozen
-    (and its features may come from the cache) until that epoch, then trains at the optimizer's lr
-    times ``backbone_lr_scale`` while the schedule starts a new cycle. ``tta`` averages the
-    probabilities of each image and its mirror image, in validation and in submit.
-
-    ``top_stages`` cuts the backbone (backbone_parts.py): its last stages and final convolution
-    train from the first epoch, at ``backbone_lr_scale`` times the lr, while the trunk below them
-    stays frozen as ``freeze_backbone`` / ``unfreeze_at_epoch`` say; the feature cache then keeps
-    the trunk's feature maps. ``head`` is ``linear`` (average pooling, dropout, linear) or ``csra``
-    (class-specific residual attention over the feature map, weight ``csra_lambda``).
+    What trains is the current :class:`Phase` (``set_phase``): the head, the backbone's
+    ``top_stages`` top stages and the head, or everything. A frozen part stays in eval mode and its
+    output may come from the feature cache instead of images (``trunk_features`` makes it). ``head``
+    is ``linear`` (pooled features, dropout, linear) or ``csra`` (class-specific residual attention
+    over the feature map, weight ``csra_lambda``). ``tta`` averages the probabilities of each image
+    and its mirror image, in validation and in submit.
     """
 
     def __init__(
@@ -50,10 +48,7 @@ class MultiLabelClassifier(L.LightningModule):
         loss: dict | None = None,
         num_classes: int = NUM_CLASSES,
         dropout: float = 0.2,
-        freeze_backbone: bool = False,
         channels_last: bool = True,
-        unfreeze_at_epoch: int | None = None,
-        backbone_lr_scale: float = 1.0,
         tta: bool = False,
         head: str = "linear",
         csra_lambda: float = 0.3,
@@ -63,25 +58,25 @@ class MultiLabelClassifier(L.LightningModule):
         backbone, optimizer, scheduler, loss = map(_plain, (backbone, optimizer, scheduler, loss))
         self.save_hyperparameters(
             dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, loss=loss,
-                 num_classes=num_classes, dropout=dropout, freeze_backbone=freeze_backbone,
-                 channels_last=channels_last, unfreeze_at_epoch=unfreeze_at_epoch,
-                 backbone_lr_scale=backbone_lr_scale, tta=tta, head=head, csra_lambda=csra_lambda,
-                 top_stages=top_stages)
+                 num_classes=num_classes, dropout=dropout, channels_last=channels_last, tta=tta,
+                 head=head, csra_lambda=csra_lambda, top_stages=top_stages)
         )  # fmt: skip
         if head not in HEADS:
             raise UserError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
         self.backbone = instantiate(backbone)
-        backbone_parts.check_cut(
-            self.backbone, top_stages, self.spatial, backbone.get("name", "this backbone")
-        )
-        features = self.backbone.num_features
-        if head == "csra":
-            self.head = ClassSpecificResidualAttention(features, num_classes, dropout, csra_lambda)
+        self.backbone.check_cut(top_stages, self.spatial)
+        if self.spatial:
+            self.head = ClassSpecificResidualAttention(
+                self.backbone.map_channels, num_classes, dropout, csra_lambda
+            )
         else:
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.criterion = instantiate(loss) if loss else nn.BCEWithLogitsLoss()
         self.register_buffer("thresholds", torch.full((num_classes,), 0.5))
-        self._set_trainable(epoch=0)
+        pre = self.backbone.preprocessing  # saved: a checkpoint rebuilt without its weights keeps them
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
+        self.set_phase(Phase("all", epochs=0))
         if channels_last:
             self.to(memory_format=torch.channels_last)
         self.train_metrics = metric_collection(num_classes).clone(prefix="train/")
@@ -91,55 +86,66 @@ class MultiLabelClassifier(L.LightningModule):
         """Whether the head reads feature maps rather than pooled features."""
         return self.hparams.head == "csra"
 
-    def backbone_trainable(self, epoch: int | None = None) -> bool:
-        """Whether the backbone (below its top stages) trains in ``epoch`` (default: the trainer's
-        current epoch)."""
-        if self.hparams.freeze_backbone:
-            return False
-        if self.hparams.unfreeze_at_epoch is None:
-            return True
-        if epoch is None:
-            epoch = self.trainer.current_epoch if self._trainer is not None else 0
-        return epoch >= self.hparams.unfreeze_at_epoch
+    # --- what trains ------------------------------------------------------------------------------
 
-    def _top_modules(self) -> list[nn.Module]:
-        return backbone_parts.top_modules(self.backbone, self.hparams.top_stages)
-
-    def _set_trainable(self, epoch: int | None = None) -> None:
-        self.backbone.requires_grad_(self.backbone_trainable(epoch))
+    def set_phase(self, phase: Phase, index: int = 0) -> None:
+        if phase.train == "top" and not self.hparams.top_stages:
+            raise UserError(
+                f"schedule.{phase.name} trains the top, but model.top_stages=0: set model.top_stages=1 "
+                "(the last stage), or train: head"
+            )
+        self.phase, self.phase_index = phase, index
+        self.backbone.requires_grad_(phase.train == "all")
         for module in self._top_modules():
             module.requires_grad_(True)
+        self.train(self.training)
 
-    def on_train_epoch_start(self) -> None:
-        self._set_trainable()
-        self.train()
-
-    def on_fit_start(self) -> None:
-        """A loss weighted by class frequency (``PositiveWeightedBCE``) learns them from the train split."""
-        if hasattr(self.criterion, "fit_class_frequencies"):
-            train_set = self.trainer.datamodule.train_set
-            self.criterion.fit_class_frequencies(torch.stack(list(train_set.targets)).to(self.device))
+    def _top_modules(self) -> list[nn.Module]:
+        return self.backbone.top_modules(self.hparams.top_stages) if self.phase.train == "top" else []
 
     def train(self, mode: bool = True):
-        """A frozen backbone stays in eval mode: its batch-norm statistics must not drift."""
+        """A frozen part stays in eval mode: its batch-norm statistics must not drift."""
         super().train(mode)
-        if not self.backbone_trainable():
+        if self.phase.train != "all":
             self.backbone.eval()
             for module in self._top_modules():
                 module.train(mode)
         return self
 
+    def on_fit_start(self) -> None:
+        """A loss weighted by class frequency (``PositiveWeightedBCE``) learns them from the train split."""
+        if hasattr(self.criterion, "fit_class_frequencies"):
+            targets = self.trainer.datamodule.train_targets()
+            self.criterion.fit_class_frequencies(targets.to(self.device))
+
+    def on_train_epoch_start(self) -> None:
+        self.log("phase", float(self.phase_index), on_step=False, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Resume continues in the phase where the run stopped."""
+        checkpoint["phase"] = {"index": self.phase_index, **self.phase.record()}
+
+    # --- forward ----------------------------------------------------------------------------------
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images to the backbone's input: ``(x / 255 - mean) / std``."""
+        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        return self._memory_format((x - self.mean) / self.std)
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of images (N x 3 x H x W), or of what the feature cache keeps of them: the frozen
-        trunk's output (pooled features N x D, or feature maps N x C x h x w)."""
-        hp, grad = self.hparams, torch.is_grad_enabled()
+        trunk's output (pooled features N x D, or feature maps N x C x h x w, often float16)."""
+        hp = self.hparams
         if self._is_images(inputs):
-            with torch.set_grad_enabled(grad and self.backbone_trainable()):
-                inputs = backbone_parts.trunk(
-                    self.backbone, self._memory_format(inputs), hp.top_stages, self.spatial
-                )
-        features = backbone_parts.top(self.backbone, self._memory_format(inputs), hp.top_stages, self.spatial)
-        return self.head(features)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.phase.train == "all"):
+                inputs = self.backbone.trunk(self.normalize(inputs), hp.top_stages, self.spatial)
+        else:
+            inputs = self._memory_format(inputs.to(self.head_dtype))
+        return self.head(self.backbone.top(inputs, hp.top_stages, self.spatial))
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
 
     def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
         """What the feature cache keeps: the frozen trunk's output, in eval mode, without gradients."""
@@ -147,18 +153,19 @@ class MultiLabelClassifier(L.LightningModule):
         self.backbone.eval()
         try:
             with torch.no_grad():
-                return backbone_parts.trunk(
-                    self.backbone, self._memory_format(images), self.hparams.top_stages, self.spatial
-                )
+                return self.backbone.trunk(self.normalize(images), self.hparams.top_stages, self.spatial)
         finally:
             for module, training in modes.items():  # each as it was: the top may train, the trunk not
                 module.training = training
 
-    def trunk_cut(self) -> dict | None:
-        """Where the trunk ends, for the feature cache's key; None: the whole backbone, pooled."""
-        if not self.hparams.top_stages and not self.spatial:
-            return None
-        return {"top_stages": self.hparams.top_stages, "spatial": self.spatial}
+    def trunk_cut(self) -> dict:
+        """Where the trunk ends and how images are normalised before it: the feature cache's key."""
+        return {
+            "top_stages": self.hparams.top_stages,
+            "spatial": self.spatial,
+            "mean": [round(float(m), 6) for m in self.mean.flatten()],
+            "std": [round(float(s), 6) for s in self.std.flatten()],
+        }
 
     @staticmethod
     def _is_images(inputs: torch.Tensor) -> bool:
@@ -170,13 +177,13 @@ class MultiLabelClassifier(L.LightningModule):
         return inputs
 
     def probabilities(self, inputs: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
-        """Class probabilities; with ``tta`` the mean over the image and its mirror image.
+        """Class probabilities in float32; with ``tta`` the mean over the image and its mirror image.
 
         ``inputs`` are images, cached trunk outputs, or cached trunk outputs with their mirror
         image's (N x 2 x ..., as the feature cache serves val).
         """
         plain, mirrored = self._views(inputs)
-        return self._average_mirror(self(plain).sigmoid(), mirrored, tta)
+        return self._average_mirror(self(plain).float().sigmoid(), mirrored, tta)
 
     @staticmethod
     def _views(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,22 +194,24 @@ class MultiLabelClassifier(L.LightningModule):
 
     def _average_mirror(self, probs: torch.Tensor, mirrored: torch.Tensor | None, tta: bool | None = None):
         if (self.hparams.tta if tta is None else tta) and mirrored is not None:
-            return (probs + self(mirrored).sigmoid()) / 2
+            return (probs + self(mirrored).float().sigmoid()) / 2
         return probs
 
+    # --- steps ------------------------------------------------------------------------------------
+
     def training_step(self, batch, batch_idx):
-        images, targets = batch
-        logits = self(images)
-        loss = self.criterion(logits, targets)
-        self.train_metrics.update(logits.detach().sigmoid(), targets.long())
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = self.criterion(logits.float(), targets)
+        self.train_metrics.update(logits.detach().float().sigmoid(), targets.long())
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(inputs))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         inputs, targets = batch
         plain, mirrored = self._views(inputs)
-        logits = self(plain)
+        logits = self(plain).float()
         loss = self.criterion(logits, targets)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(inputs))
         probs = self._average_mirror(logits.sigmoid(), mirrored)
@@ -212,26 +221,35 @@ class MultiLabelClassifier(L.LightningModule):
         return self.probabilities(batch[0])
 
     def configure_optimizers(self):
-        """The head at the optimizer's lr; a backbone (or its top) that trains now or later at
-        ``backbone_lr_scale`` times it (frozen parameters have no gradients: the optimizer leaves
-        them alone)."""
-        hp = self.hparams
-        groups = [{"params": list(self.head.parameters())}]
-        if not hp.freeze_backbone or hp.top_stages:
-            base_lr = hp.optimizer.get("lr", 1e-3)
-            groups.append({"params": list(self.backbone.parameters()), "lr": base_lr * hp.backbone_lr_scale})
+        """The head at the optimizer's lr, the backbone's trained parts at the phase's ``lr_scale``
+        times it; no weight decay on norms and biases (timm's rule); a warm-up + cosine schedule
+        over this phase's steps."""
+        hp, phase = self.hparams, self.phase
+        base_lr = hp.optimizer.get("lr", 1e-3)
+        groups = decay_groups(self.head, base_lr, "head")
+        groups += decay_groups(self.backbone, base_lr * phase.lr_scale, "backbone")
         optimizer = instantiate(hp.optimizer)(groups)
         if not hp.scheduler:
             return optimizer
-        total_steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total_steps):
-            raise UserError(
-                "a learning-rate scheduler needs trainer.max_epochs or max_steps; or use scheduler=none"
-            )
-        extra = {}
-        if hp.unfreeze_at_epoch:  # the fine-tuning phase gets its own warm-up and decay
-            if not str(hp.scheduler.get("_target_", "")).endswith("warmup_cosine"):
-                raise UserError("model.unfreeze_at_epoch restarts the schedule: use scheduler=cosine or none")
-            extra["restart_at"] = int(total_steps * hp.unfreeze_at_epoch / max(1, self.trainer.max_epochs))
-        scheduler = instantiate(hp.scheduler)(optimizer, total_steps=int(total_steps), **extra)
+        _ = self.trainer.estimated_stepping_batches  # loads the train data: num_training_batches is known
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise UserError("a learning-rate scheduler needs a sized train set; or use scheduler=none")
+        per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
+        scheduler = instantiate(hp.scheduler)(optimizer, total_steps=max(1, per_epoch * phase.epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def decay_groups(module: nn.Module, lr: float, name: str) -> list[dict]:
+    """``module``'s trainable parameters in two groups at ``lr``: weights with the optimizer's
+    weight decay, norms and biases (1-d parameters) without, as timm's ``param_groups_weight_decay``.
+    Named, so the learning-rate monitor logs ``lr-<optimizer>/<name>``."""
+    decay, no_decay = [], []
+    for key, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or key.endswith(".bias") else decay).append(param)
+    groups = [
+        {"params": decay, "lr": lr, "name": name},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}/no_decay"},
+    ]
+    return [g for g in groups if g["params"]]

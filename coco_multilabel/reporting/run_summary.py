@@ -16,6 +16,11 @@ SHOWN = (  # the objective comes first; then these, when logged
 )
 
 
+def describe_phases(phases: list[dict]) -> str:
+    """``top: 15 epochs, top on cache; ...``: what each phase of the schedule ran."""
+    return "; ".join(f"{p['name']}: {p['epochs']} epochs, {p['train']} on {p['inputs']}" for p in phases)
+
+
 def next_commands(summary: dict, run_dir: str | Path, data_root: str) -> dict[str, str]:
     best = summary.get("best_checkpoint")
     commands = {"report": f"make report RUN={run_dir}"}
@@ -28,8 +33,15 @@ def summary_table(summary: dict, run_dir: str | Path, data_root: str) -> Table:
     table = Table(title=f"run {run_dir}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # paths in full, folded, never cut
+    if summary.get("phases"):
+        table.add_row("phases", describe_phases(summary["phases"]))
     if "epoch" in summary:
         table.add_row("best epoch", f"{summary['epoch'] + 1} of {summary['epochs']}")
+    if cut := summary.get("cut_epoch"):
+        table.add_row(
+            "cut short",
+            f"epoch {cut['epoch'] + 1} by trainer.max_time, after {cut['batches']} of {cut['of']} batches",
+        )
     objective = summary.get("objective")
     if summary.get("best_score") is not None:
         table.add_row(f"{objective} (picks best.ckpt)", f"{summary['best_score']:.4f}")

@@ -39,12 +39,7 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | Non
     record = {"status": "running", "overrides": task_overrides()}
     if in_multirun():
         check_one_device(cfg)
-        previous = read_result(run_dir)
-        if previous and sorted(previous.get("overrides", [])) != sorted(record["overrides"]):
-            raise UserError(
-                f"{run_dir / RESULT} belongs to a job with overrides {previous.get('overrides')}, not "
-                f"{record['overrides']}: this sweep dir holds another sweep; pass a new hydra.sweep.dir"
-            )
+        previous = check_job_folder(run_dir, record["overrides"])
         if previous and previous["status"] == "done":
             log.info("%s finished before (best %s); skipped", run_dir, previous.get("best_score"))
             return previous.get("best_score")
@@ -65,6 +60,17 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | Non
     record.update(summary, status="done", ended=_now(), wall_s=round(time.perf_counter() - start, 1))
     _write(run_dir, record)
     return summary["best_score"]
+
+
+def check_job_folder(run_dir: Path, overrides: list[str]) -> dict | None:
+    """The folder's previous record, or a UserError when it belongs to a job with other overrides."""
+    previous = read_result(run_dir)
+    if previous and sorted(previous.get("overrides", [])) != sorted(overrides):
+        raise UserError(
+            f"{run_dir / RESULT} belongs to a job with overrides {previous.get('overrides')}, not "
+            f"{overrides}: this sweep dir holds another sweep; pass a new hydra.sweep.dir"
+        )
+    return previous
 
 
 def check_one_device(cfg: DictConfig) -> None:

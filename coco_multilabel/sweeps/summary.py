@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import socket
 import sys
@@ -51,7 +52,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 
 
 COLUMNS = ["rank", "job", "status", "overrides", "best_score"]
-TRAILING = ["epochs", "wall_s", "device", "best_checkpoint"]
+TRAILING = ["epochs", "wall_s", "device", "best_checkpoint", "error"]
 
 
 def tables(rows: list[dict]) -> tuple[str, str]:
@@ -114,8 +115,16 @@ class SweepSummary(Callback):
             write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if Path(config.hydra.sweep.dir).is_dir():
-            write_summary(config.hydra.sweep.dir)
+        """Also the sweep's exit status: 1 when a job failed, with where to read why."""
+        if not Path(config.hydra.sweep.dir).is_dir():
+            return
+        path = write_summary(config.hydra.sweep.dir)
+        failed = [r["job"] for r in collect(config.hydra.sweep.dir) if r["status"] == "failed"]
+        if failed:
+            logging.getLogger(__name__).error(
+                "%d jobs failed (%s): their reasons are in %s", len(failed), ", ".join(failed), path
+            )
+            sys.exit(1)
 
 
 def _alive(result: dict) -> bool:
