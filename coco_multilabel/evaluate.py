@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.cli import CONFIG_DIR, report_user_errors
-from coco_multilabel.data.labels import read_label_dir, to_multi_hot
+from coco_multilabel.data.label_index import DEFAULT_CACHE_DIR, load_label_index
+from coco_multilabel.data.labels import to_multi_hot
 from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.decisions.submission import parse_submission_file, read_submission
 from coco_multilabel.decisions.thresholds import evaluate_thresholds
@@ -28,32 +29,43 @@ from coco_multilabel.metrics import label_scores, mean_average_precision, per_cl
 from coco_multilabel.reporting.tables import format_rows, format_scores, write_csv
 
 
-def evaluate(predictions: str | Path, labels: str | Path, only_predicted: bool = False) -> dict[str, float]:
+def evaluate(
+    predictions: str | Path, labels: str | Path, only_predicted: bool = False, cache_dir=DEFAULT_CACHE_DIR
+) -> dict[str, float]:
     """Every hard-label score of a predictions JSON against a folder of ``.cls`` files."""
-    return evaluate_predictions(predictions, labels, only_predicted)[0]
+    return evaluate_predictions(predictions, labels, only_predicted, cache_dir)[0]
 
 
-def evaluate_predictions(predictions, labels, only_predicted: bool = False) -> tuple[dict, list[dict]]:
+def label_targets(labels, stems, cache_dir=DEFAULT_CACHE_DIR) -> torch.Tensor:
+    """N x C float targets of ``stems``, from the labels index of the folder ``labels``."""
+    if not Path(labels).is_dir():
+        raise UserError(f"label folder {labels} does not exist")
+    index = load_label_index(labels, cache_dir)
+    return torch.from_numpy(index.targets_of(list(stems))).float()
+
+
+def evaluate_predictions(
+    predictions, labels, only_predicted: bool = False, cache_dir=DEFAULT_CACHE_DIR
+) -> tuple[dict, list[dict]]:
     if only_predicted:  # the JSON names the images to score; each must have a label file
-        truth = read_label_dir(labels, stems=sorted(parse_submission_file(predictions)))
+        stems = sorted(parse_submission_file(predictions))
     else:
-        truth = read_label_dir(labels)
-    if not truth:
+        stems = [str(s) for s in load_label_index(labels, cache_dir).stems] if Path(labels).is_dir() else []
+    targets = label_targets(labels, stems, cache_dir)
+    if not stems:
         raise UserError(f"label folder {labels} holds no .cls files")
-    stems = sorted(truth)
     predicted = read_submission(predictions, stems, hint_subset=not only_predicted)
     preds = torch.stack([to_multi_hot(predicted[s]) for s in stems])
-    targets = torch.stack([to_multi_hot(truth[s]) for s in stems])
     return label_scores(preds, targets), per_class_table(preds, targets, COCO_CLASSES)
 
 
 def evaluate_probabilities(probs_file, labels, objective: str = "macro_f1", min_positives: int = 5,
-                           shrinkage: float = 10.0) -> tuple[dict, list[dict], list[dict]]:  # fmt: skip
+                           shrinkage: float = 10.0, cache_dir=DEFAULT_CACHE_DIR,
+                           ) -> tuple[dict, list[dict], list[dict]]:  # fmt: skip
     """Scores at the file's thresholds, a threshold study and the per-class table."""
     saved = read_probabilities(probs_file)
-    truth = read_label_dir(labels, stems=saved["stems"])  # labels may hold more stems than scored
+    targets = label_targets(labels, saved["stems"], cache_dir)  # labels may hold more stems than scored
     probs, thresholds = saved["probs"], saved["thresholds"]
-    targets = torch.stack([to_multi_hot(truth[s]) for s in saved["stems"]])
     scores = {**label_scores(probs > thresholds, targets), "map": mean_average_precision(probs, targets)}
     # what the ThresholdTuner logs in per_class mode: 0.5, global and per class, tuned and cross-fitted
     m = evaluate_thresholds(
@@ -78,9 +90,11 @@ def main(cfg: DictConfig) -> None:
         )
     source = Path(cfg.predictions or cfg.probs)
     if cfg.predictions:
-        scores, table = evaluate_predictions(cfg.predictions, cfg.labels, cfg.only_predicted)
+        scores, table = evaluate_predictions(cfg.predictions, cfg.labels, cfg.only_predicted, cfg.cache_dir)
     else:
-        scores, study, table = evaluate_probabilities(cfg.probs, cfg.labels, **cfg.thresholds)
+        scores, study, table = evaluate_probabilities(
+            cfg.probs, cfg.labels, **cfg.thresholds, cache_dir=cfg.cache_dir
+        )
         print(format_rows(study), end="\n\n")
     print(format_rows(table), end="\n\n")
     print(format_scores(scores, f"{source.name} against {cfg.labels}"))

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,7 +36,7 @@ def test_split_file_is_written_then_reused(tiny_root, tmp_path):
 def test_batches_have_images_and_multi_hot_targets(tiny_root):
     dm = CocoDataModule(root=str(tiny_root), image_size=32, batch_size=4, num_workers=0)
     dm.setup("fit")
-    images, targets, kept = next(iter(dm.train_dataloader()))
+    images, targets, kept, _ = next(iter(dm.train_dataloader()))
     assert kept.tolist() == [True] * 4
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8  # the model normalises
     assert targets.shape == (4, 80) and set(targets.unique().tolist()) <= {0.0, 1.0}
@@ -45,7 +46,7 @@ def test_batches_have_images_and_multi_hot_targets(tiny_root):
 def test_labelled_dataset_matches_label_files(tiny_root):
     stem = labelled_stems(tiny_root)[0]
     classes = [int(line) for line in (tiny_root / "labels" / "train" / f"{stem}.cls").read_text().split()]
-    _, target = CocoImages.labelled(tiny_root, [stem])[0]
+    _, target, _ = CocoImages.labelled(tiny_root, [stem])[0]
     assert torch.nonzero(target).flatten().tolist() == sorted(classes)
 
 
@@ -54,3 +55,21 @@ def test_missing_or_wrong_data_root_says_what_to_put_there(tmp_path):
         check_data_root(None)
     with pytest.raises(UserError, match=f"{tmp_path}/images/train is not a folder"):
         check_data_root(tmp_path)
+
+
+def test_setup_reads_labels_from_the_index_into_numpy_arrays(tiny_root, tmp_path, monkeypatch):
+    import coco_multilabel.data.label_index as label_index
+
+    parsed = []
+    real = label_index.read_label_file
+    monkeypatch.setattr(label_index, "read_label_file", lambda *a: parsed.append(a) or real(*a))
+    for _ in range(2):
+        dm = CocoDataModule(root=str(tiny_root), image_size=32, num_workers=0, cache_dir=str(tmp_path))
+        dm.setup("fit")
+    assert len(parsed) == 48  # the first setup parsed every file, the second none
+    train = dm.train_images
+    assert train.targets.dtype == bool and train.targets.shape == (len(train), 80)
+    assert isinstance(train.names, np.ndarray) and train.folder == tiny_root / "images" / "train"
+    stem = dm.split["train"][0]
+    classes = [int(line) for line in (tiny_root / "labels" / "train" / f"{stem}.cls").read_text().split()]
+    assert np.flatnonzero(train.targets[0]).tolist() == sorted(classes)

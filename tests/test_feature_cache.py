@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from coco_multilabel.data.datasets import CocoImages, labelled_stems, load_rgb
-from coco_multilabel.data.feature_cache import FeatureCache, build_or_load, cache_key
+from coco_multilabel.data.feature_cache import FeatureCache, build_or_load, cache_folders, cache_key
 from coco_multilabel.data.transforms import eval_transform
 from coco_multilabel.models.backbones import torchvision_backbone
 from coco_multilabel.models.checkpoints import load_model
@@ -58,7 +58,7 @@ def test_cached_features_equal_fresh_ones_and_are_reused(images, tmp_path):
 
     again = build_or_load(tmp_path, images, must_not_run, BACKBONE, transform, flip=True)
     assert again.stems == cache.stems
-    assert [p.name for p in tmp_path.iterdir()] == [cache_key(BACKBONE, transform, images, True)]
+    assert [p.name for p in cache_folders(tmp_path)] == [cache_key(BACKBONE, transform, images, True)]
 
 
 def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg, tmp_path):
@@ -70,7 +70,8 @@ def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg,
                              run_dir=tmp_path / "cached"))  # fmt: skip
     models = [load_model(tmp_path / run / "checkpoints" / "last.ckpt")
               for run in ("fly", "cached")]  # fmt: skip
-    cache = FeatureCache.load(next((tmp_path / "cache").iterdir()))
+    (folder,) = cache_folders(tmp_path / "cache")
+    cache = FeatureCache.load(folder)
     features = torch.from_numpy(cache.features[:])
     with torch.no_grad():
         probs = [model(features).sigmoid() for model in models]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from coco_multilabel.data.feature_cache import FeatureCache
+from coco_multilabel.data.feature_cache import FeatureCache, cache_folders
 from coco_multilabel.errors import UserError
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.checkpoints import read_checkpoint
@@ -107,7 +107,7 @@ def test_train_on_cached_trunk_maps_then_submit_from_images(train_cfg, tiny_root
         f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=2", run_dir=tmp_path / "run",
     )  # fmt: skip
     summary = train(cfg)
-    (folder,) = (tmp_path / "cache").iterdir()
+    (folder,) = cache_folders(tmp_path / "cache")
     cache = FeatureCache.load(folder)
     assert cache.features.dtype == np.float16 and cache.features.shape[1:] == (192, 2, 2)
     checkpoint = read_checkpoint(summary["best_checkpoint"])

@@ -95,7 +95,7 @@ def frozen_epochs(cfg, cache_dir: Path) -> dict:
     cached.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
     cached.serve("cache")
     start = time.perf_counter()
-    cached.setup("fit")
+    cached.build_feature_cache_here()
     build_time = time.perf_counter() - start
     start = time.perf_counter()
     train_steps(model, cached.train_dataloader(), optimizer)

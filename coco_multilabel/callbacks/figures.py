@@ -80,7 +80,9 @@ class ValidationFigures(L.Callback):
                 hp["root"], split["val"][: self.examples], transform,
                 len(names), hp["image_size"],
             )  # fmt: skip
-            images, targets = map(torch.stack, zip(*(dataset[i] for i in range(len(dataset))), strict=True))
+            images, targets = (
+                torch.stack(x) for x in zip(*(dataset[i][:2] for i in range(len(dataset))), strict=True)
+            )
         except UserError as err:  # an unreadable val image: the run goes on, without the grid
             log.warning("no example grid this epoch: %s", err)
             return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -11,8 +12,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from coco_multilabel.classes import NUM_CLASSES
-from coco_multilabel.data.datasets import CocoImages, check_data_root, collate_skipping_bad, labelled_stems
-from coco_multilabel.data.feature_cache import CachedFeatures, build_or_load
+from coco_multilabel.data.datasets import (
+    CocoImages,
+    check_data_root,
+    collate_skipping_bad,
+    image_names,
+    labelled_stems,
+)
+from coco_multilabel.data.feature_cache import (
+    CachedFeatures,
+    FeatureCache,
+    build_or_load,
+    cache_key,
+    whole_batch,
+)
+from coco_multilabel.data.label_index import load_label_index
 from coco_multilabel.data.split import load_or_make_split
 from coco_multilabel.data.transforms import eval_transform, train_transform
 
@@ -24,8 +38,12 @@ class CocoDataModule(L.LightningDataModule):
 
     After ``use_feature_cache(extract, cfg)`` it can serve what a frozen backbone part makes of
     each image, computed once (feature_cache.py), instead of the images: ``serve("cache")`` or
-    ``serve("images")`` before each phase's fit. Cached val features come in (image, mirror image)
-    pairs, for flip test-time augmentation; in training the mirror image's stands in for a flip.
+    ``serve("images")`` before each phase's fit. The cache is built through the trainer, on its
+    devices, before the first phase that reads it (``training/cache_build.py``: it asks
+    ``cache_request()`` what to build and hands the result to ``attach_cache``);
+    ``build_feature_cache_here()`` builds it in this process instead. Cached val features come in
+    (image, mirror image) pairs, for flip test-time augmentation; in training the mirror image's
+    stands in for a flip.
     """
 
     def __init__(
@@ -48,6 +66,7 @@ class CocoDataModule(L.LightningDataModule):
         cache_flip: bool = True,
         num_classes: int = NUM_CLASSES,
         on_bad_image: str = "error",
+        cache_on_device: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["split_file"])
@@ -56,13 +75,15 @@ class CocoDataModule(L.LightningDataModule):
         self.split: dict | None = None
         self._extract = None
         self._cache_cut: dict | None = None
+        self.train_features: CachedFeatures | None = None
+        self.val_features: CachedFeatures | None = None
         self.inputs = "images"
         # Counted here, in the main process: the workers that skip images cannot report to it.
         self.skipped_images = 0
 
     def use_feature_cache(self, extract, backbone_cfg: dict, cut: dict | None = None) -> None:
-        """Build (or find) the cache of what ``extract`` (a model's ``trunk_features``) makes of the
-        images at setup; ``cut`` says where in the backbone ``extract`` ends (see ``build_or_load``)."""
+        """Serve cached ``extract`` (a model's ``trunk_features``) outputs in phases with ``inputs:
+        cache``; ``cut`` says where in the backbone ``extract`` ends (see ``build_or_load``)."""
         self._extract, self._backbone_cfg, self._cache_cut = extract, backbone_cfg, cut
 
     def serve(self, inputs: str) -> None:
@@ -73,14 +94,17 @@ class CocoDataModule(L.LightningDataModule):
 
     def train_targets(self) -> torch.Tensor:
         """N x C multi-hot targets of the train split (for losses weighted by class frequency)."""
-        return torch.stack(list(self.train_images.targets))
+        return torch.from_numpy(self.train_images.targets).float()
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage not in ("fit", "validate", None) or self.split is not None:
             return
         root = check_data_root(hp.root)
-        self.split = load_or_make_split(self.split_file, labelled_stems(root), hp.val_fraction, hp.seed)
+        index = load_label_index(root / "labels" / "train", hp.cache_dir, hp.num_classes)
+        names = image_names(root / "images" / "train")
+        stems = labelled_stems(root, index.stems, names)
+        self.split = load_or_make_split(self.split_file, stems, hp.val_fraction, hp.seed)
         log.info("split: %d train, %d val images", len(self.split["train"]), len(self.split["val"]))
         evaluate = eval_transform(image_size=hp.image_size, resize=hp.eval_resize)
         augment = train_transform(
@@ -97,38 +121,70 @@ class CocoDataModule(L.LightningDataModule):
             hp.num_classes,
             min_side=train_side,
             on_bad_image=hp.on_bad_image,
+            index=index,
+            names=names,
         )
         self.val_images = CocoImages.labelled(
-            root, self.split["val"], evaluate, hp.num_classes, hp.image_size, hp.on_bad_image
+            root, self.split["val"], evaluate, hp.num_classes, hp.image_size, hp.on_bad_image, index, names
         )
-        if self._extract is not None:
-            images = sorted(self.train_images.image_paths + self.val_images.image_paths, key=lambda p: p.stem)
-            cache = build_or_load(
-                hp.cache_dir, images, self._extract, self._backbone_cfg, evaluate,
-                flip=hp.cache_flip, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
-                cut=self._cache_cut,
-            )  # fmt: skip
-            flip = hp.hflip_prob if hp.augment else 0.0
-            train, val = self.train_images, self.val_images
-            self.train_features = CachedFeatures(cache, train.stems, train.targets, flip)
-            self.val_features = CachedFeatures(cache, val.stems, val.targets, pairs=True)
+
+    def cache_request(self) -> CacheRequest:
+        """What the feature cache of this split must hold and where it is kept (after ``setup``)."""
+        hp = self.hparams
+        images = sorted(self.train_images.image_paths + self.val_images.image_paths, key=lambda p: p.stem)
+        transform = self.val_images.transform
+        key = cache_key(self._backbone_cfg, transform, images, hp.cache_flip, self._cache_cut, hp.image_size)
+        return CacheRequest(
+            folder=Path(hp.cache_dir) / key, images=images, transform=transform, flip=hp.cache_flip,
+            min_side=hp.image_size, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
+            on_bad_image=hp.on_bad_image, backbone_cfg=self._backbone_cfg, cut=self._cache_cut,
+        )  # fmt: skip
+
+    def attach_cache(self, cache: FeatureCache, device=None) -> None:
+        """Serve ``cache``'s rows for the train and val split; on ``device`` with data.cache_on_device."""
+        hp = self.hparams
+        device = device if hp.cache_on_device else None
+        flip = hp.hflip_prob if hp.augment else 0.0
+        train, val = self.train_images, self.val_images
+        self.train_features = CachedFeatures(cache, train.stems, train.targets, flip, device=device)
+        self.val_features = CachedFeatures(cache, val.stems, val.targets, pairs=True, device=device)
+
+    def build_feature_cache_here(self) -> None:
+        """Build (or find) the cache in this process, with the extractor given to ``use_feature_cache``."""
+        self.setup("fit")
+        request = self.cache_request()
+        cache = build_or_load(
+            request.folder.parent, request.images, self._extract, self._backbone_cfg, request.transform,
+            flip=request.flip, batch_size=request.batch_size, num_workers=request.num_workers,
+            cut=self._cache_cut, on_bad_image=request.on_bad_image, min_side=request.min_side,
+        )  # fmt: skip
+        self.attach_cache(cache)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Drop the ``kept`` mask of :func:`collate_skipping_bad`, counting what it left out."""
-        inputs, targets, kept = batch
+        inputs, targets, kept, indices = batch
         self.skipped_images += int((~kept).sum())
-        return inputs, targets
+        return inputs, targets, indices
+
+    def _cached(self, part: str) -> CachedFeatures:
+        features = getattr(self, f"{part}_features")
+        if features is None:
+            raise RuntimeError(
+                "the feature cache is not built yet: attach_cache() or build_feature_cache_here()"
+            )
+        return features
 
     def train_dataloader(self) -> DataLoader:
-        train_set = self.train_features if self.inputs == "cache" else self.train_images
+        train_set = self._cached("train") if self.inputs == "cache" else self.train_images
         drop_last = len(train_set) > self.hparams.batch_size
         return self._loader(train_set, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_features if self.inputs == "cache" else self.val_images)
+        return self._loader(self._cached("val") if self.inputs == "cache" else self.val_images)
 
     def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers  # memory-mapped rows
+        cached = isinstance(dataset, CachedFeatures)
+        workers = 0 if cached else self.num_workers  # whole batches of one array: no decoding to spread
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -136,9 +192,29 @@ class CocoDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=collate_skipping_bad,
+            pin_memory=torch.cuda.is_available() and not (cached and dataset.device is not None),
+            collate_fn=whole_batch if cached else collate_skipping_bad,
         )
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """A feature cache to build or find: its folder, the images in their row order and how to read them."""
+
+    folder: Path
+    images: list[Path]
+    transform: object
+    flip: bool
+    min_side: int
+    batch_size: int
+    num_workers: int
+    on_bad_image: str
+    backbone_cfg: dict
+    cut: dict | None
+
+    @property
+    def stems(self) -> list[str]:
+        return [p.stem for p in self.images]
 
 
 def default_num_workers() -> int:

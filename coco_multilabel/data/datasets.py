@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from coco_multilabel.data.images import load_rgb
-from coco_multilabel.data.labels import CHECK_DATA_HINT, read_label_file, to_multi_hot
+from coco_multilabel.data.label_index import LabelIndex
+from coco_multilabel.data.labels import CHECK_DATA_HINT, read_label_file
 from coco_multilabel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,17 +45,27 @@ def check_data_root(
 def list_images(image_dir: str | Path) -> list[Path]:
     """The JPEG files of ``image_dir``, sorted by stem."""
     image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise UserError(f"image folder {image_dir} does not exist")
-    return sorted((p for p in image_dir.iterdir() if p.suffix in IMAGE_SUFFIXES), key=lambda p: p.stem)
+    return [image_dir / name for name in image_names(image_dir).values()]
+
+
+def image_names(image_dir: str | Path) -> dict[str, str]:
+    """``{stem: file name}`` of the JPEG files of ``image_dir``, sorted by stem (one scan, no stat)."""
+    try:
+        with os.scandir(image_dir) as entries:
+            names = [e.name for e in entries if e.name.endswith(IMAGE_SUFFIXES) and not e.is_dir()]
+    except FileNotFoundError:
+        raise UserError(f"image folder {image_dir} does not exist") from None
+    return {Path(name).stem: name for name in sorted(names, key=lambda n: Path(n).stem)}
 
 
 class CocoImages(Dataset):
-    """Images with multi-hot targets (``labels`` given) or with an empty target (test images).
+    """Images with multi-hot targets (``labels`` or ``targets`` given) or an empty target (test images).
 
-    ``min_side`` decodes JPEGs at a reduced scale (see ``load_rgb``). ``on_bad_image="skip"`` turns
-    an unreadable image into ``None`` instead of an error; :func:`collate_skipping_bad` drops it
-    from the batch and says where it was.
+    The files are one folder and a numpy array of names, the targets one N x C bool array: a
+    DataLoader worker forked from a process holding 65,000 Python objects would copy every page
+    they live on as it touches their reference counts. ``min_side`` decodes JPEGs at a reduced
+    scale (see ``load_rgb``). ``on_bad_image="skip"`` turns an unreadable image into ``None``
+    instead of an error; :func:`collate_skipping_bad` drops it from the batch and says where it was.
     """
 
     def __init__(
@@ -63,6 +76,7 @@ class CocoImages(Dataset):
         num_classes: int = 80,
         min_side: int | None = None,
         on_bad_image: str = "error",
+        targets: np.ndarray | None = None,
     ):
         if labels is not None and len(labels) != len(image_paths):
             raise ValueError("one label list per image is needed")
@@ -70,31 +84,49 @@ class CocoImages(Dataset):
             raise UserError(
                 f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}"
             )
-        self.image_paths = list(image_paths)
-        self.targets = None if labels is None else [to_multi_hot(c, num_classes) for c in labels]
+        paths = [Path(p) for p in image_paths]
+        parents = {p.parent for p in paths}
+        self.folder = parents.pop() if len(parents) == 1 else None
+        self.names = np.array([p.name if self.folder else str(p) for p in paths], dtype=str)
+        if labels is not None:
+            targets = np.zeros((len(paths), num_classes), dtype=bool)
+            for row, classes in enumerate(labels):
+                targets[row, classes] = True
+        self.targets = targets  # N x C bool, or None
         self.transform = transform
         self.min_side = min_side
         self.on_bad_image = on_bad_image
 
     @property
+    def image_paths(self) -> list[Path]:
+        return [self.path(i) for i in range(len(self))]
+
+    def path(self, index: int) -> Path:
+        name = str(self.names[index])
+        return self.folder / name if self.folder is not None else Path(name)
+
+    @property
     def stems(self) -> list[str]:
-        return [p.stem for p in self.image_paths]
+        return [Path(str(name)).stem for name in self.names]
 
     def __len__(self) -> int:
-        return len(self.image_paths)
+        return len(self.names)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __getitem__(self, index: int):
+        """``(image, target, index)``: the index lets a DDP gather drop duplicates and keep order."""
         try:
-            image = load_rgb(self.image_paths[index], self.min_side)
+            image = load_rgb(self.path(index), self.min_side)
         except UserError:
             if self.on_bad_image == "skip":
-                log.debug("skipping unreadable image %s", self.image_paths[index])
+                log.debug("skipping unreadable image %s", self.path(index))
                 return None
             raise
         if self.transform is not None:
             image = self.transform(image)
-        target = torch.zeros(0) if self.targets is None else self.targets[index]
-        return image, target
+        target = (
+            torch.zeros(0) if self.targets is None else torch.from_numpy(self.targets[index].astype("f4"))
+        )
+        return image, target, index
 
     @classmethod
     def labelled(
@@ -105,16 +137,29 @@ class CocoImages(Dataset):
         num_classes: int = 80,
         min_side: int | None = None,
         on_bad_image: str = "error",
+        index: LabelIndex | None = None,
+        names: dict[str, str] | None = None,
     ):
-        """Images ``root/images/train/<stem>.jpg`` with labels ``root/labels/train/<stem>.cls``."""
+        """Images ``root/images/train/<stem>.jpg`` with labels ``root/labels/train/<stem>.cls``, from
+        the labels index and the folder's ``image_names`` when given, else read file by file."""
         root = Path(root)
-        paths = [_image_path(root / "images" / "train", stem) for stem in stems]
+        image_dir = root / "images" / "train"
+        if names is not None:
+            missing = [s for s in stems if s not in names]
+            if missing:
+                raise UserError(f"image {image_dir / missing[0]}.jpg does not exist; {CHECK_DATA_HINT}")
+            paths = [image_dir / names[s] for s in stems]
+        else:
+            paths = [_image_path(image_dir, stem) for stem in stems]
+        if index is not None:
+            return cls(paths, None, transform, num_classes, min_side, on_bad_image, index.targets_of(stems))
         labels = [read_label_file(root / "labels" / "train" / f"{s}.cls", num_classes) for s in stems]
         return cls(paths, labels, transform, num_classes, min_side, on_bad_image)
 
 
-def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(images, targets, kept)``: the readable samples, and which positions of the batch they were."""
+def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images, targets, kept, indices)``: the readable samples, which positions of the batch they
+    were, and their dataset indices."""
     kept = torch.tensor([sample is not None for sample in samples])
     good = [sample for sample in samples if sample is not None]
     if not good:
@@ -122,18 +167,23 @@ def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, tor
             f"all {len(samples)} images of a batch are unreadable; the data is badly damaged: "
             + CHECK_DATA_HINT
         )
-    images, targets = default_collate(good)
-    return images, targets, kept
+    images, targets, indices = default_collate(good)
+    return images, targets, kept, indices
 
 
-def labelled_stems(root: str | Path) -> list[str]:
-    """Stems of ``images/train`` that have a label file; the others cannot be trained on."""
+def labelled_stems(root: str | Path, label_stems=None, names: dict[str, str] | None = None) -> list[str]:
+    """Stems of ``images/train`` that have a label file; the others cannot be trained on.
+
+    ``label_stems`` (the labels index's) and ``names`` (``image_names``) spare a scan each."""
     root = Path(root)
     label_dir = root / "labels" / "train"
     if not label_dir.is_dir():
         raise UserError(f"label folder {label_dir} does not exist; data.root must hold labels/train")
-    labelled = {p.stem for p in label_dir.glob("*.cls")}
-    images = [p.stem for p in list_images(root / "images" / "train")]
+    if label_stems is None:
+        with os.scandir(label_dir) as entries:
+            label_stems = [e.name[:-4] for e in entries if e.name.endswith(".cls")]
+    labelled = set(map(str, label_stems))
+    images = list(names if names is not None else image_names(root / "images" / "train"))
     stems = [stem for stem in images if stem in labelled]
     if len(stems) < len(images):
         first = next(stem for stem in images if stem not in labelled)

@@ -13,6 +13,7 @@ for its mirror image; the final 1280-channel map would take 7 times that.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -27,41 +28,188 @@ import torch
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
-from coco_multilabel.data.datasets import CocoImages
+from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
+from coco_multilabel.data.labels import CHECK_DATA_HINT
+from coco_multilabel.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def cache_key(
-    backbone_cfg: dict, transform, image_paths: list[Path], flip: bool, cut: dict | None = None
+    backbone_cfg: dict,
+    transform,
+    image_paths: list[Path],
+    flip: bool,
+    cut: dict | None = None,
+    min_side: int | None = None,
 ) -> str:
-    """A hash of everything that determines the cached features."""
+    """A hash of everything that determines the cached features (``min_side``: JPEGs decoded at a
+    reduced scale, see ``load_rgb``)."""
     weights_file = backbone_cfg.get("weights_file")
     parts = {
         "cut": cut,  # where the trunk ends, and the normalisation before it
         "backbone": backbone_cfg,
-        "weights_file": _file_identity(Path(weights_file)) if weights_file else None,
+        "weights_file": _file_identities([Path(weights_file)])[0] if weights_file else None,
         "transform": repr(transform),
         "flip": flip,
-        "images": [_file_identity(p) for p in image_paths],
+        "images": _file_identities(image_paths),
+        **({"min_side": min_side} if min_side else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def is_complete(folder: Path) -> bool:
+    """A cache folder appears by a rename once complete; ``stems.json`` is written last before it."""
+    return (Path(folder) / "stems.json").is_file()
+
+
+def cache_folders(cache_dir: str | Path) -> list[Path]:
+    """The complete feature caches in ``cache_dir`` (which also holds the labels index and locks)."""
+    cache_dir = Path(cache_dir)
+    return sorted(p for p in cache_dir.iterdir() if is_complete(p)) if cache_dir.is_dir() else []
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @dataclass
 class FeatureCache:
     stems: list[str]
-    features: np.ndarray  # N x D (or N x C x h x w), memory-mapped
+    features: np.ndarray  # N x D (or N x C x h x w): in memory, or memory-mapped
     flipped: np.ndarray | None  # features of the horizontally flipped images, or None
+    present: np.ndarray | None = None  # N bool: False for an unreadable image left out (on_bad_image=skip)
 
     @classmethod
-    def load(cls, folder: Path) -> FeatureCache:
-        flipped = folder / "flipped.npy"
+    def load(cls, folder: Path, in_memory: bool | None = None, share: int = 1) -> FeatureCache:
+        """The cache in ``folder``: read into memory when it takes under ``MEMORY_FRACTION`` of the
+        available memory, ``share`` processes of this machine loading it each (``in_memory=None``),
+        memory-mapped otherwise (the page cache serves repeated reads)."""
+        folder = Path(folder)
+        names = [name for name in ARRAYS if (folder / name).exists()]
+        if in_memory is None:
+            mapped = [np.load(folder / name, mmap_mode="r") for name in names]
+            memory = available_memory()
+            in_memory = (
+                memory is not None and share * sum(a.nbytes for a in mapped) < MEMORY_FRACTION * memory
+            )
+        arrays = [np.load(folder / name, mmap_mode=None if in_memory else "r") for name in names]
+        present = folder / "present.npy"
         return cls(
             json.loads((folder / "stems.json").read_text()),
-            np.load(folder / "features.npy", mmap_mode="r"),
-            np.load(flipped, mmap_mode="r") if flipped.exists() else None,
+            arrays[0],
+            arrays[1] if len(arrays) > 1 else None,
+            np.load(present) if present.exists() else None,
         )
+
+
+MEMORY_FRACTION = 0.3
+ARRAYS = ("features.npy", "flipped.npy")  # of an image, of its mirror image
+
+
+def storage_dtype(features: torch.Tensor) -> np.dtype:
+    """Pooled features in float32; maps in float16, half the disk (the model casts them)."""
+    return np.dtype(np.float32 if features.dim() == 2 else np.float16)
+
+
+def create_arrays(tmp: Path, rows: int, sample: torch.Tensor, flip: bool) -> None:
+    """The unfinished cache's arrays, shaped after ``sample`` (the trunk's output for one image)."""
+    tmp.mkdir(parents=True)
+    for name in ARRAYS[: 1 + flip]:
+        array = np.lib.format.open_memmap(
+            tmp / name, mode="w+", dtype=storage_dtype(sample), shape=(rows, *sample.shape[1:])
+        )
+        del array
+
+
+class RowWriter:
+    """Writes rows by dataset index into an unfinished cache's arrays; each process its own rows,
+    which it then lists in ``present.<rank>.npy`` (``finish`` puts them together)."""
+
+    def __init__(self, tmp: Path, rank: int = 0):
+        self.tmp, self.rank = Path(tmp), rank
+        self.arrays = [
+            np.load(self.tmp / name, mmap_mode="r+") for name in ARRAYS if (self.tmp / name).exists()
+        ]
+        self.written: list[np.ndarray] = []
+
+    def write(self, indices, features: torch.Tensor, flipped: torch.Tensor | None = None) -> None:
+        indices = np.asarray(indices)
+        for array, values in zip(self.arrays, (features, flipped), strict=False):
+            # converted where they were computed: half the bytes cross from the GPU
+            array[indices] = values.to(getattr(torch, array.dtype.name)).cpu().numpy()
+        self.written.append(indices)
+
+    def close(self) -> None:
+        for array in self.arrays:
+            array.flush()
+        self.arrays = []
+        written = np.concatenate(self.written) if self.written else np.zeros(0, np.int64)
+        np.save(self.tmp / f"present.{self.rank}.npy", written)
+
+
+def finish(tmp: Path, folder: Path, stems: list[str], ranks: int, key_info: dict) -> None:
+    """Put the ranks' lists of written rows together, then rename the finished folder into place."""
+    present = np.zeros(len(stems), dtype=bool)
+    for rank in range(ranks):
+        part = tmp / f"present.{rank}.npy"
+        present[np.load(part)] = True
+        part.unlink()
+    if not present.any():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"no image could be read to build the feature cache {folder}; {CHECK_DATA_HINT}")
+    if not present.all():
+        log.warning("the feature cache leaves out %d unreadable images (data.on_bad_image=skip)",
+                    int((~present).sum()))  # fmt: skip
+    np.save(tmp / "present.npy", present)
+    (tmp / "key.json").write_text(json.dumps(key_info, default=str))
+    (tmp / "stems.json").write_text(json.dumps(stems))
+    try:
+        tmp.rename(folder)
+    except OSError:  # built meanwhile by a process that did not take the lock: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("feature cache built: %s", folder)
+
+
+def unfinished_folder(folder: Path) -> Path:
+    """Where this process builds ``folder``; what killed builds left is removed (call under the lock)."""
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+
+
+class CacheLock:
+    """One builder per cache at a time, machine- or file-system-wide (``flock``): a sweep job that
+    finds another building the same cache waits for it and then reuses it."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder).parent / f".{Path(folder).name}.lock"
+        self.file = None
+
+    def acquire(self) -> CacheLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a")  # noqa: SIM115 - held across calls, closed by release
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+    def __enter__(self) -> CacheLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def build_or_load(
@@ -74,90 +222,154 @@ def build_or_load(
     batch_size: int = 64,
     num_workers: int = 0,
     cut: dict | None = None,
+    on_bad_image: str = "error",
+    min_side: int | None = None,
 ) -> FeatureCache:
-    """The cache for these images, built on first use into a temporary folder renamed into place.
+    """The cache for these images, built here, in this process, on first use (training builds it
+    through the trainer instead: ``training/cache_build.py``).
 
     ``extract`` maps a batch of images to what is kept (an eval-mode backbone, or the model's
     ``trunk_features``); ``cut`` says where it ends, for the key."""
-    key = cache_key(backbone_cfg, transform, image_paths, flip, cut)
-    folder = Path(cache_dir) / key
-    if (folder / "stems.json").exists():
-        log.info("feature cache hit: %s", folder)
-        return FeatureCache.load(folder)
-    tmp = folder.with_name(f".{key}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        loader = DataLoader(
-            CocoImages(image_paths, transform=transform),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            generator=torch.Generator(),  # leave the global RNG, and so the training run, untouched
-        )
-        files = {"features.npy": False, **({"flipped.npy": True} if flip else {})}
-        arrays = {}
-        with torch.no_grad():
-            start = 0
-            for images, _ in track(loader, description=f"caching features of {len(image_paths)} images"):
-                for name, flipped in files.items():
-                    out = extract(images.flip(-1) if flipped else images).float().cpu().numpy()
-                    if name not in arrays:
-                        dtype = np.float32 if out.ndim == 2 else np.float16
-                        arrays[name] = np.lib.format.open_memmap(
-                            tmp / name, mode="w+", dtype=dtype, shape=(len(image_paths), *out.shape[1:])
-                        )
-                    arrays[name][start : start + len(out)] = out
-                start += len(images)
-        for array in arrays.values():
-            array.flush()
-        del arrays
-        (tmp / "stems.json").write_text(json.dumps([p.stem for p in image_paths]))
-        (tmp / "key.json").write_text(
-            json.dumps({"backbone": backbone_cfg, "cut": cut, "transform": repr(transform)}, default=str)
-        )
+    folder = Path(cache_dir) / cache_key(backbone_cfg, transform, image_paths, flip, cut, min_side)
+    with CacheLock(folder):
+        if is_complete(folder):
+            log.info("feature cache hit: %s", folder)
+            return FeatureCache.load(folder)
+        tmp = unfinished_folder(folder)
         try:
-            tmp.rename(folder)
-        except OSError:  # another process built the same cache meanwhile: use theirs
+            loader = DataLoader(
+                CocoImages(image_paths, transform=transform, min_side=min_side, on_bad_image=on_bad_image),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                collate_fn=collate_skipping_bad,
+                generator=torch.Generator(),  # leave the global RNG, and so the training run, untouched
+            )
+            writer = None
+            with torch.no_grad():
+                for images, _, _, indices in track(loader, description=f"caching {len(image_paths)} images"):
+                    features = extract(images)
+                    if writer is None:
+                        create_arrays(tmp, len(image_paths), features, flip)
+                        writer = RowWriter(tmp)
+                    writer.write(indices, features, extract(images.flip(-1)) if flip else None)
+            writer.close()
+            finish(tmp, folder, [p.stem for p in image_paths], 1, key_info(backbone_cfg, cut, transform))
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("feature cache built: %s", folder)
+            raise
     return FeatureCache.load(folder)
 
 
+def key_info(backbone_cfg: dict, cut: dict | None, transform) -> dict:
+    """What ``key.json`` says the cache holds, for a person looking into the folder."""
+    return {"backbone": backbone_cfg, "cut": cut, "transform": repr(transform)}
+
+
 class CachedFeatures(Dataset):
-    """(feature, target) pairs for ``stems`` of a cache, as stored (float16 maps stay float16: the
-    model casts); ``flip_prob`` serves the mirror image's copy that often, as a random flip would,
-    ``pairs`` serves both copies (2 x ...) for flip test-time augmentation."""
+    """``(features, targets, kept, indices)`` batches for ``stems`` of a cache, read whole: the
+    DataLoader's batch of indices goes to ``__getitems__``, which reads the rows in one indexing of
+    one contiguous array (in order, for a memory map's sake) and :func:`whole_batch` passes the batch
+    on. Features stay as stored (float16 maps: the model casts them on its device). ``flip_prob``
+    serves the mirror image's rows that often, as a random flip would; ``pairs`` serves both
+    (N x 2 x ...) for flip test-time augmentation. With ``device`` the rows are copied there once
+    and batches are indexed there (``data.cache_on_device``). Rows the cache left out (unreadable
+    images) are left out here too. ``__getitem__`` reads one row, the same way."""
 
     def __init__(
         self,
         cache: FeatureCache,
         stems: list[str],
-        targets: list[torch.Tensor],
+        targets: np.ndarray,
         flip_prob: float = 0.0,
         pairs: bool = False,
+        device: torch.device | str | None = None,
     ):
         index = {stem: i for i, stem in enumerate(cache.stems)}
-        self.rows = [index[s] for s in stems]
-        self.cache, self.targets = cache, targets
+        rows = np.array([index[s] for s in stems], dtype=np.int64)
+        targets = np.asarray(targets)
+        if cache.present is not None and not cache.present[rows].all():
+            keep = cache.present[rows]
+            log.warning("%d of %d images are not in the feature cache (unreadable) and are left out",
+                        int((~keep).sum()), len(rows))  # fmt: skip
+            rows, targets = rows[keep], targets[keep]
+        self.rows, self.targets = rows, torch.from_numpy(targets.astype(np.float32))
+        self.features, self.flipped = cache.features, cache.flipped
         self.flip_prob = flip_prob if cache.flipped is not None else 0.0
         self.pairs = pairs and cache.flipped is not None
+        self.device = None if device is None else torch.device(device)
+        if self.device is not None:  # this subset's rows, contiguous, on the device
+            order = np.argsort(rows)
+            self.features, self.flipped = (
+                None if a is None else torch.from_numpy(_read(a, rows, order)).to(self.device)
+                for a in (cache.features, cache.flipped)
+            )
+            self.targets = self.targets.to(self.device)
+            self.rows = np.arange(len(rows))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
+        row = self.rows[i]
         if self.pairs:
-            row = self.rows[i]
-            pair = np.stack([self.cache.features[row], self.cache.flipped[row]])
-            return torch.from_numpy(pair), self.targets[i]
-        flipped = self.flip_prob and torch.rand(()) < self.flip_prob
-        source = self.cache.flipped if flipped else self.cache.features
-        return torch.from_numpy(np.array(source[self.rows[i]])), self.targets[i]
+            feature = _stack([self.features[row], self.flipped[row]])
+        else:
+            flipped = self.flip_prob and torch.rand(()) < self.flip_prob
+            feature = (self.flipped if flipped else self.features)[row]
+        return _tensor(feature), self.targets[i], i
+
+    def __getitems__(self, positions: list[int]):
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.rows[positions]
+        on_device = self.device is not None
+        index = torch.from_numpy(rows).to(self.device) if on_device else rows
+        order = None if on_device else np.argsort(rows)
+        read = (lambda a, r, o: a[r]) if on_device else _read
+        features = _tensor(read(self.features, index, order), fresh=True)
+        if self.pairs:
+            features = torch.stack([features, _tensor(read(self.flipped, index, order), fresh=True)], 1)
+        elif self.flip_prob:
+            flip = (torch.rand(len(rows)) < self.flip_prob).numpy()
+            if flip.any():
+                sub = index[torch.from_numpy(flip).to(self.device)] if on_device else rows[flip]
+                features[torch.from_numpy(flip).to(features.device)] = _tensor(
+                    read(self.flipped, sub, None if on_device else np.argsort(sub)), fresh=True
+                )
+        targets = self.targets[torch.from_numpy(positions).to(self.targets.device)]
+        kept = torch.ones(len(rows), dtype=torch.bool)
+        return features, targets, kept, torch.from_numpy(positions)
 
 
-def _file_identity(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+def whole_batch(batch):
+    """The collate function of :class:`CachedFeatures`: its batches come whole from ``__getitems__``."""
+    return batch
+
+
+def _read(array: np.ndarray, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``array[rows]``, read in ascending row order."""
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    out[order] = array[rows[order]]
+    return out
+
+
+def _tensor(x, fresh: bool = False) -> torch.Tensor:
+    """A tensor of ``x``; a numpy row is copied (it may be a read-only view of a memory map)
+    unless ``fresh`` says it was just read into its own array."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(x if fresh else np.array(x))
+
+
+def _stack(parts) -> torch.Tensor:
+    return torch.stack([_tensor(p) for p in parts])
+
+
+def _file_identities(paths: list[Path]) -> list[list]:
+    """``[resolved path, size, mtime_ns]`` of each file: one stat each, each folder resolved once."""
+    folders: dict[Path, Path] = {}
+    out = []
+    for path in map(Path, paths):
+        folder = folders.get(path.parent) or folders.setdefault(path.parent, path.parent.resolve())
+        stat = os.stat(path)
+        out.append([str(folder / path.name), stat.st_size, stat.st_mtime_ns])
+    return out

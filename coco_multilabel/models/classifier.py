@@ -200,7 +200,7 @@ class MultiLabelClassifier(L.LightningModule):
     # --- steps ------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
-        inputs, targets = batch
+        inputs, targets = batch[:2]
         logits = self(inputs)
         loss = self.criterion(logits.float(), targets)
         self.train_metrics.update(logits.detach().float().sigmoid(), targets.long())
@@ -209,13 +209,15 @@ class MultiLabelClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        inputs, targets = batch
+        inputs, targets = batch[:2]
         plain, mirrored = self._views(inputs)
         logits = self(plain).float()
         loss = self.criterion(logits, targets)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(inputs))
         probs = self._average_mirror(logits.sigmoid(), mirrored)
-        return {"probs": probs, "targets": targets}  # the ThresholdTuner scores the epoch
+        # the ThresholdTuner scores the epoch; the dataset indices (when the batch has them) let it
+        # drop a DistributedSampler's padded duplicates and restore the dataset's order
+        return {"probs": probs, "targets": targets, **({"indices": batch[2]} if len(batch) > 2 else {})}
 
     def predict_step(self, batch, batch_idx):
         return self.probabilities(batch[0])

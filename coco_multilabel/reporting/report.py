@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from coco_multilabel.classes import COCO_CLASSES, NUM_CLASSES
 from coco_multilabel.data.datasets import check_data_root
 from coco_multilabel.data.images import load_rgb
-from coco_multilabel.data.labels import read_label_file, to_multi_hot
+from coco_multilabel.data.label_index import DEFAULT_CACHE_DIR, load_label_index
+from coco_multilabel.data.labels import to_multi_hot
 from coco_multilabel.data.split import read_split, split_image_paths
 from coco_multilabel.decisions.probabilities import read_probabilities, save_probabilities
 from coco_multilabel.decisions.thresholds import count_table
@@ -100,9 +101,9 @@ def run_sections(run_dir: Path, data_root: str | None, out: Path, progress: bool
         why = "no split.json in the run" if split is None else "the data root is unknown or missing"
         sections.append(Section("Validation", note(f"{why}: pass --data DIR (make report ... DATA=DIR)")))
     else:
-        labels = {
-            s: read_label_file(root / "labels" / "train" / f"{s}.cls") for s in split["train"] + split["val"]
-        }
+        index = load_label_index(root / "labels" / "train", run_cache_dir(run_dir))
+        classes = index.classes()
+        labels = {s: classes[s] for s in split["train"] + split["val"] if s in classes}
         sections += validation_sections(run_dir, root, labels, out, progress)
         sections.append(class_frequency(labels, split))
     sections.append(config_section(run_dir))
@@ -184,6 +185,17 @@ def find_data_root(run_dir: Path, data_root: str | None) -> Path | None:
         cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
         root = Path(cwd) / root if cwd else root
     return root if (root / "labels" / "train").is_dir() else None
+
+
+def run_cache_dir(run_dir: Path) -> Path:
+    """The run's ``data.cache_dir`` (where its labels index is), relative to where it was started."""
+    config, hydra_file = run_dir / ".hydra" / "config.yaml", run_dir / ".hydra" / "hydra.yaml"
+    cache_dir = OmegaConf.select(OmegaConf.load(config), "data.cache_dir") if config.is_file() else None
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
+    if not cache_dir.is_absolute() and hydra_file.is_file():
+        cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
+        cache_dir = Path(cwd) / cache_dir if cwd else cache_dir
+    return cache_dir
 
 
 def val_predictions(run_dir: Path, root: Path, out: Path, progress: bool) -> dict | None:

@@ -9,6 +9,7 @@ import lightning as L
 
 from coco_multilabel.callbacks.budget import RunBudget
 from coco_multilabel.models.checkpoints import read_checkpoint
+from coco_multilabel.training.cache_build import ensure_feature_cache
 from coco_multilabel.training.schedule import INPUTS, TRAINS, Phase, phase_ends, resume_phase
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ def fit_phases(
             INPUTS[phase.inputs].split(",")[0],
         )  # fmt: skip
         model.set_phase(phase, index)
+        if phase.inputs == "cache":  # built (or found) now, by the trainer, where the model runs
+            ensure_feature_cache(trainer, model, datamodule)
         datamodule.serve(phase.inputs)
         trainer.fit_loop.max_epochs = ends[index]
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)

@@ -1,0 +1,164 @@
+"""The feature cache, built where the model runs, once: through the trainer, on its accelerator.
+
+``trainer.predict`` runs a small LightningModule (:class:`CacheBuilder`) over the images the cache
+needs: under DDP each rank reads one contiguous block of them and writes its rows, by dataset
+index, into the arrays rank 0 created; rank 0 then puts the ranks' lists of written rows together
+and renames the finished folder into place. A file lock held by rank 0 from the check to the
+rename makes a concurrent sweep job building the same cache wait and reuse it. On GPUs the trunk
+runs under bf16 autocast (fp16 where bf16 is not supported), on CPUs in float32, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
+from coco_multilabel.data.feature_cache import (
+    CacheLock,
+    FeatureCache,
+    RowWriter,
+    create_arrays,
+    finish,
+    is_complete,
+    key_info,
+    unfinished_folder,
+)
+
+log = logging.getLogger(__name__)
+
+
+def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
+    """Find or build the feature cache of ``datamodule``'s split with ``model``'s frozen trunk, then
+    have the datamodule serve it. Every rank calls it; a single process that finds the cache skips
+    the trainer altogether."""
+    if datamodule.train_features is not None:
+        return
+    datamodule.setup("fit")
+    request = datamodule.cache_request()
+    if trainer.world_size > 1 or not is_complete(request.folder):
+        builder = CacheBuilder(model, request)
+        try:
+            trainer.predict(builder, return_predictions=False)
+            builder.finish(trainer)
+        finally:
+            builder.abandon()
+    else:
+        log.info("feature cache hit: %s", request.folder)
+    cache = FeatureCache.load(request.folder, share=trainer.num_devices)
+    datamodule.attach_cache(cache, device=trainer.strategy.root_device)
+
+
+class ContiguousShards(DistributedSampler):
+    """Rank r reads one contiguous block of the dataset, no image twice and none padded in: its rows
+    are one region of each array. A DistributedSampler, so Lightning keeps it as it is."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        n = len(dataset)
+        self.start, self.stop = n * rank // num_replicas, n * (rank + 1) // num_replicas
+        self.num_samples = self.stop - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class CacheBuilder(L.LightningModule):
+    """What ``trainer.predict`` runs to build a cache: ``model.trunk_features`` of each image (and of
+    its mirror image), written by dataset index; nothing is returned to the trainer."""
+
+    def __init__(self, model, request):
+        super().__init__()
+        self.model, self.request = model, request
+        self.tmp = None  # the unfinished folder all ranks write to; None: nothing to build
+        self.lock: CacheLock | None = None
+        self.writer: RowWriter | None = None
+
+    def setup(self, stage: str) -> None:
+        """Rank 0 decides, under the lock, whether to build, and creates the arrays; all ranks learn it."""
+        plan = None
+        if self.trainer.is_global_zero:
+            self.lock = CacheLock(self.request.folder).acquire()
+            if is_complete(self.request.folder):  # built meanwhile, by another run of a sweep
+                self.lock.release()
+                self.lock = None
+            else:
+                tmp = unfinished_folder(self.request.folder)
+                create_arrays(tmp, len(self.request.images), self._sample_output(), self.request.flip)
+                plan = str(tmp)
+        plan = self.trainer.strategy.broadcast(plan, src=0)
+        self.tmp = None if plan is None else type(self.request.folder)(plan)
+
+    def _sample_output(self) -> torch.Tensor:
+        """The trunk's output for one blank image: the arrays' shape and storage type."""
+        size = self.request.min_side
+        return self.model.trunk_features(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+
+    def predict_dataloader(self) -> DataLoader:
+        request = self.request
+        images = request.images if self.tmp is not None else []
+        dataset = CocoImages(
+            images, transform=request.transform, min_side=request.min_side, on_bad_image=request.on_bad_image
+        )
+        return DataLoader(
+            dataset,
+            batch_size=request.batch_size,
+            sampler=ContiguousShards(dataset, self.trainer.world_size, self.trainer.global_rank),
+            num_workers=request.num_workers if images else 0,
+            collate_fn=collate_skipping_bad,
+            pin_memory=self.trainer.strategy.root_device.type == "cuda",
+            generator=torch.Generator(),  # leave the global RNG, and so the training run, untouched
+        )
+
+    def on_predict_start(self) -> None:
+        if self.tmp is not None:
+            self.writer = RowWriter(self.tmp, self.trainer.global_rank)
+
+    def predict_step(self, batch, batch_idx):
+        images, _, _, indices = batch
+        with self._autocast():
+            features = self.model.trunk_features(images)
+            flipped = self.model.trunk_features(images.flip(-1)) if self.request.flip else None
+        self.writer.write(indices.cpu().numpy(), features, flipped)
+        return len(indices)  # not collected (return_predictions=False); None would be warned about
+
+    def _autocast(self):
+        """bf16 (or fp16) autocast on a GPU; on a CPU float32 whatever the trainer's precision."""
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        if self.device.type == "cpu":
+            return torch.autocast("cpu", enabled=False)
+        return contextlib.nullcontext()
+
+    def on_predict_end(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def finish(self, trainer: L.Trainer) -> None:
+        """After ``trainer.predict``: rank 0 completes the folder once every rank has written its rows."""
+        if self.tmp is None:
+            return
+        trainer.strategy.barrier("feature cache rows written")
+        if trainer.is_global_zero:
+            request = self.request
+            info = key_info(request.backbone_cfg, request.cut, request.transform)
+            finish(self.tmp, request.folder, request.stems, trainer.world_size, info)
+        trainer.strategy.barrier("feature cache complete")
+
+    def abandon(self) -> None:
+        """Whatever happened: remove an unfinished folder (rank 0, which made it) and let go of the lock."""
+        if self.lock is not None:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self.lock.release()
+            self.lock = None
