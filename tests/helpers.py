@@ -62,3 +62,28 @@ class KillAtEpoch(L.Callback):
         if trainer.current_epoch == self.epoch and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class CacheRecorder(L.Callback):
+    """Each process appends to ``<folder>/predict.rank<r>.jsonl`` the dataset indices of every batch
+    it runs through the feature cache's builder, and to ``train.rank<r>.jsonl``, when training
+    starts, which cache rows it serves and a digest of their values."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def _append(self, name: str, trainer, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{name}.rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._append("predict", trainer, {"indices": batch[3].tolist()})
+
+    def on_train_start(self, trainer, pl_module):
+        import numpy as np
+
+        features = trainer.datamodule.train_features
+        values = np.asarray(features.features)[features.rows]
+        digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+        self._append("train", trainer, {"rows": features.rows.tolist(), "digest": digest})

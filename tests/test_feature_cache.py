@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -68,6 +69,9 @@ def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg,
     on_the_fly = train(train_cfg(*same, "schedule.probe.inputs=images", run_dir=tmp_path / "fly"))
     cached = train(train_cfg(*same, f"data.cache_dir={tmp_path / 'cache'}", "data.cache_flip=false",
                              run_dir=tmp_path / "cached"))  # fmt: skip
+    resident = train(train_cfg(*same, f"data.cache_dir={tmp_path / 'cache'}", "data.cache_flip=false",
+                               "data.cache_on_device=true", run_dir=tmp_path / "resident"))  # fmt: skip
+    assert resident["val/loss"] == cached["val/loss"]  # the same cache, served from the device's copy
     models = [load_model(tmp_path / run / "checkpoints" / "last.ckpt")
               for run in ("fly", "cached")]  # fmt: skip
     (folder,) = cache_folders(tmp_path / "cache")
@@ -94,3 +98,123 @@ def test_reduced_size_decode_keeps_the_requested_size(tmp_path):
     reduced = load_rgb(path, min_side=140)
     assert reduced.size == (200, 150)  # 1/4 scale: the smallest that keeps both sides >= 140
     assert load_rgb(path, min_side=300).size == (400, 300)
+
+
+def test_ddp_builds_the_cache_once_across_ranks_and_every_rank_reads_the_same_rows(tiny_root, tmp_path):
+    import json
+
+    from coco_multilabel.data.datasets import collate_skipping_bad
+    from tests.helpers import cli
+
+    args = [
+        f"data.root={tiny_root}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32-true", "schedule=probe", "data.batch_size=8", "model.tta=false",
+        f"data.cache_dir={tmp_path / 'cache'}", "+callbacks.record._target_=tests.helpers.CacheRecorder",
+        f"+callbacks.record.folder={tmp_path / 'record'}",
+    ]  # fmt: skip
+
+    def records(name):
+        return [
+            [json.loads(line) for line in path.read_text().splitlines()]
+            if (path := tmp_path / "record" / f"{name}.rank{r}.jsonl").exists()
+            else []
+            for r in (0, 1)
+        ]
+
+    first = cli(*args, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    built = [[i for batch in rank for i in batch["indices"]] for rank in records("predict")]
+    assert built[0] and built[1]  # both ranks computed a share
+    assert sorted(built[0] + built[1]) == list(range(48))  # every image once, none twice
+    second = cli(*args, f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [[i for b in rank for i in b["indices"]] for rank in records("predict")] == built  # reused
+    served = [record for rank in records("train") for record in rank]
+    assert len(served) == 4 and all(r == served[0] for r in served)  # 2 runs x 2 ranks, the same rows
+
+    (folder,) = cache_folders(tmp_path / "cache")
+    cache = FeatureCache.load(folder)
+    model = load_model(tmp_path / "first" / "checkpoints" / "last.ckpt").eval()  # the trunk stayed frozen
+    dataset = CocoImages([tiny_root / "images" / "train" / f"{s}.jpg" for s in cache.stems],
+                         transform=eval_transform(image_size=32), min_side=32)  # fmt: skip
+    images = collate_skipping_bad([dataset[i] for i in range(len(dataset))])[0]
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(cache.features)), model.trunk_features(images), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(cache.flipped)), model.trunk_features(images.flip(-1)), atol=1e-5, rtol=1e-4
+    )
+
+
+def written_cache(tmp_path, n=10, present=None):
+    """A finished cache folder of ``n`` float16 3 x 2 x 2 maps (and mirror maps), written as the
+    builder writes them: arrays made from a sample, rows by index from two 'ranks'."""
+    from coco_multilabel.data.feature_cache import RowWriter, create_arrays, finish
+
+    values = torch.randn(n, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    tmp, folder = tmp_path / ".c.tmp", tmp_path / "c"
+    create_arrays(tmp, n, values[:1], flip=True)
+    keep = list(range(n)) if present is None else present
+    for rank, part in enumerate((keep[: len(keep) // 2], keep[len(keep) // 2 :])):
+        writer = RowWriter(tmp, rank)
+        writer.write(part, values[part], -values[part])
+        writer.close()
+    finish(tmp, folder, [f"s{i}" for i in range(n)], 2, {})
+    return folder, values
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_whole_batches_equal_row_by_row_reads(tmp_path, in_memory, device):
+    from coco_multilabel.data.feature_cache import CachedFeatures
+
+    folder, values = written_cache(tmp_path)
+    cache = FeatureCache.load(folder, in_memory=in_memory)
+    assert isinstance(cache.features, np.memmap) != in_memory and cache.features.dtype == np.float16
+    stems = ["s7", "s2", "s5", "s0", "s9"]
+    targets = np.eye(5, 80, dtype=bool)
+    positions = [4, 0, 3, 1]  # unsorted, as a shuffled sampler draws them
+    for kwargs, expected in (({}, values), ({"flip_prob": 1.0}, -values)):
+        dataset = CachedFeatures(cache, stems, targets, device=device, **kwargs)
+        x, y, kept, index = dataset.__getitems__(positions)
+        rows = [dataset[i] for i in positions]
+        assert x.dtype == torch.float16 and torch.equal(x, torch.stack([r[0] for r in rows]))
+        assert torch.equal(y, torch.stack([r[1] for r in rows])) and index.tolist() == positions
+        assert kept.all() and torch.equal(x.float(), expected[[9, 7, 0, 2]].half().float())
+    pairs = CachedFeatures(cache, stems, targets, pairs=True, device=device)
+    x = pairs.__getitems__(positions)[0]
+    assert x.shape == (4, 2, 3, 2, 2) and torch.equal(x, torch.stack([pairs[i][0] for i in positions]))
+    assert torch.equal(x[:, 1], -x[:, 0])
+
+
+def test_rows_of_unreadable_images_are_left_out(tmp_path):
+    from coco_multilabel.data.feature_cache import CachedFeatures
+
+    folder, values = written_cache(tmp_path, n=6, present=[0, 1, 3, 4, 5])  # image 2 could not be read
+    cache = FeatureCache.load(folder)
+    assert cache.present.tolist() == [True, True, False, True, True, True]
+    dataset = CachedFeatures(cache, ["s1", "s2", "s3"], np.eye(3, 80, dtype=bool))
+    assert len(dataset) == 2
+    x, y, _, _ = dataset.__getitems__([0, 1])
+    assert torch.equal(x.float(), values[[1, 3]].half().float()) and y[:, :3].argmax(1).tolist() == [0, 2]
+
+
+def test_a_bad_image_is_skipped_by_the_cache_build_when_told_to(images, tmp_path):
+    from coco_multilabel.errors import UserError
+
+    damaged = tmp_path / "images"
+    damaged.mkdir()
+    for path in images:
+        (damaged / path.name).write_bytes(path.read_bytes())
+    (damaged / images[2].name).write_bytes(b"\xff\xd8 truncated")
+    paths = [damaged / p.name for p in images]
+    transform = eval_transform(image_size=32)
+
+    def extract(batch):
+        return batch.float().mean((2, 3))
+
+    with pytest.raises(UserError):
+        build_or_load(tmp_path / "c1", paths, extract, BACKBONE, transform)
+    assert not cache_folders(tmp_path / "c1")  # nothing half-built left behind
+    cache = build_or_load(tmp_path / "c2", paths, extract, BACKBONE, transform, on_bad_image="skip")
+    assert cache.present.tolist() == [True, True, False, True, True, True]
