@@ -33,6 +33,8 @@ def fit_phases(
         model.set_phase(phase, index)
         datamodule.serve(phase.inputs)
         trainer.fit_loop.max_epochs = ends[index]
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
+        trainer.fit(
+            model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None, weights_only=True
+        )
         if trainer.interrupted or budget.exhausted():
             break
