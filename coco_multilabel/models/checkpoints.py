@@ -4,28 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.errors import UserError
+from coco_multilabel.io import load_data_only, one_line
 from coco_multilabel.models.classifier import MultiLabelClassifier
+from coco_multilabel.models.registry import check_model_configs
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A Lightning checkpoint of this project, or a UserError saying what is wrong with the file."""
+    """A Lightning checkpoint of this project, or a UserError saying what is wrong with the file.
+
+    Read as data only (``weights_only``: tensors and plain containers; a pickled object would run
+    code on load), and its model configs checked against the project's builders before anything
+    reads them: a checkpoint from a classmate or a forum cannot run code here.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass the .ckpt file in it (<run dir>/checkpoints/)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; runs keep theirs in <run dir>/checkpoints/")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = load_data_only(path, "checkpoint", map_location)
+    except UserError:
+        raise
     except Exception as err:
-        raise UserError(f"checkpoint {path} is not readable ({err}); is the file complete?") from err
+        raise UserError(
+            f"checkpoint {path} is not readable ({one_line(err)}); is the file complete?"
+        ) from err
     if (
         not isinstance(checkpoint, dict)
-        or "hyper_parameters" not in checkpoint
-        or "backbone" not in checkpoint.get("hyper_parameters", {})
+        or not isinstance(checkpoint.get("hyper_parameters"), dict)
+        or "backbone" not in checkpoint["hyper_parameters"]
     ):
         raise UserError(f"{path} is not a coco-multilabel checkpoint (no model hyper-parameters in it)")
+    check_model_configs(checkpoint["hyper_parameters"], f"checkpoint {path}")
     return checkpoint
 
 

@@ -14,6 +14,7 @@ from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import metric_collection
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
+from coco_multilabel.models.registry import check_model_configs
 from coco_multilabel.training.schedule import Phase
 
 HEADS = ("linear", "csra")
@@ -56,6 +57,9 @@ class MultiLabelClassifier(L.LightningModule):
     ):
         super().__init__()
         backbone, optimizer, scheduler, loss = map(_plain, (backbone, optimizer, scheduler, loss))
+        check_model_configs(
+            dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, loss=loss), "model"
+        )
         self.save_hyperparameters(
             dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, loss=loss,
                  num_classes=num_classes, dropout=dropout, channels_last=channels_last, tta=tta,

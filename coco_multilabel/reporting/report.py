@@ -17,6 +17,7 @@ import csv
 import html
 import logging
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,9 +342,9 @@ def sweep_sections(sweep_dir: Path, rows: list[dict]) -> list[Section]:
                 "val/macro_f1_tuned": r.get("val/macro_f1_tuned"),
                 "epochs": r.get("epochs"),
                 "wall_s": r.get("wall_s"),
-                "report": f'<a href="../{r["job"]}/report/report.html">open</a>'
+                "report": job_link(r["job"])
                 if job_report.is_file()
-                else f"make report RUN={sweep_dir / r['job']}",
+                else html.escape(f"make report RUN={sweep_dir / r['job']}"),
             }
         )
     body = table(records, raw=("report",))
@@ -378,6 +379,11 @@ def sweep_sections(sweep_dir: Path, rows: list[dict]) -> list[Section]:
 
 def figure_section(title: str, name: str, figure, body: str = "") -> Section:
     return Section(title, body, name, plots.png(figure))
+
+
+def job_link(job: str) -> str:
+    """A link to a job's report: a folder name may hold any character, quoted for the URL and escaped."""
+    return f'<a href="{html.escape(urllib.parse.quote(f"../{job}/report/report.html"))}">open</a>'
 
 
 def note(text: str) -> str:

@@ -36,6 +36,8 @@ def fit_phases(
             ensure_feature_cache(trainer, model, datamodule)
         datamodule.serve(phase.inputs)
         trainer.fit_loop.max_epochs = ends[index]
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
+        trainer.fit(
+            model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None, weights_only=True
+        )
         if trainer.interrupted or budget.exhausted():
             break
