@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.data.datasets import CocoImages, check_data_root, collate_skipping_bad, labelled_stems
 from coco_multilabel.data.feature_cache import CachedFeatures, build_or_load
+from coco_multilabel.data.folds import load_or_make_fold_split
 from coco_multilabel.data.split import load_or_make_split
 from coco_multilabel.data.transforms import eval_transform, train_transform
 
@@ -48,6 +49,9 @@ class CocoDataModule(L.LightningDataModule):
         cache_flip: bool = True,
         num_classes: int = NUM_CLASSES,
         on_bad_image: str = "error",
+        folds: int | None = None,
+        fold: int = 0,
+        folds_file: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["split_file"])
@@ -80,7 +84,12 @@ class CocoDataModule(L.LightningDataModule):
         if stage not in ("fit", "validate", None) or self.split is not None:
             return
         root = check_data_root(hp.root)
-        self.split = load_or_make_split(self.split_file, labelled_stems(root), hp.val_fraction, hp.seed)
+        if hp.folds:  # cross-validation: val is fold ``fold`` of the folds file, train the others
+            self.split = load_or_make_fold_split(
+                self.split_file, root, labelled_stems(root), hp.folds, hp.fold, hp.folds_file, hp.seed
+            )
+        else:
+            self.split = load_or_make_split(self.split_file, labelled_stems(root), hp.val_fraction, hp.seed)
         log.info("split: %d train, %d val images", len(self.split["train"]), len(self.split["val"]))
         evaluate = eval_transform(image_size=hp.image_size, resize=hp.eval_resize)
         augment = train_transform(
