@@ -12,8 +12,9 @@ export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tri
 ARGS ?=
 MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the output, also from a make within make
 SWEEP ?= backbones
+K ?= 5
 
-.PHONY: ablation install demo test data check-data train tensorboard sweep sweep-report report submit predict evaluate bench lint clean
+.PHONY: ablation install demo test data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +47,9 @@ tensorboard: install  ## make tensorboard [ARGS="--port 6007 --bind_all"]: every
 
 sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=resnet50" (a grid of conf/sweep/)
 	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
+
+cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [ARGS=...]: K folds, then DIR/cv.md (out-of-fold)
+	$(PY) -m coco_multilabel.cv --data $(DATA) --folds $(K) $(if $(DIR),--dir $(DIR)) $(ARGS)
 
 sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
 	@$(PY) -m coco_multilabel.sweeps.summary $(DIR)
