@@ -57,8 +57,8 @@ sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summa
 report: install  ## make report RUN=outputs/train/<run> (or a sweep folder) [DATA=...]: <RUN>/report/report.html
 	$(PY) -m coco_multilabel.report $(RUN) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(ARGS)
 
-submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json
-	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)
+submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json; CKPT=a,b / a make cv DIR / a sweep dir with TOP=n: an ensemble
+	$(PY) -m coco_multilabel.submit "ckpt_path='$(CKPT)'" data.root=$(DATA) output=$(OUT) $(if $(TOP),submit.top=$(TOP)) $(ARGS)
 
 predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]
 	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(ARGS)

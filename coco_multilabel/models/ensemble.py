@@ -159,6 +159,10 @@ def ensemble_thresholds(members: list[Member], seed: int = 0) -> tuple[torch.Ten
         record = oof_scores(probs, targets, tuning, seed)["tuning"]
         log.info("thresholds tuned on the out-of-fold probabilities of %d images", len(probs))
         return torch.tensor(record["thresholds"]), record
+    if any(h.stems != held[0].stems for h in held):
+        raise UserError(
+            f"{first.path} and the other members hold different val images; retrain them on one split"
+        )
     probs = torch.stack([h.probs.float() for h in held]).mean(0)
     targets = held[0].targets
     kwargs = {
@@ -179,8 +183,9 @@ def ensemble_probabilities(
     tta: bool | None = None,
     **inference,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(probs, kept)``: the mean of the members' probabilities, each model at its own image size
-    and resize mode (``image_size`` overrides them all), with its own TTA unless ``tta`` is given."""
+    """``(probs, kept)`` as :func:`predict_files` returns them (rows of the readable images): the mean
+    of the members' probabilities, each model at its own image size and resize mode (``image_size``
+    overrides them all), with its own TTA unless ``tta`` is given."""
     total, kept = None, None
     for number, member in enumerate(members, 1):
         model = load_model(member.checkpoint, source=member.path)
@@ -192,7 +197,7 @@ def ensemble_probabilities(
         full[readable] = probs
         total = full if total is None else total + full
         kept = readable if kept is None else kept & readable
-    return total / len(members), kept
+    return (total / len(members))[kept], kept
 
 
 def check_same_folds_file(members: list[Member], folds_file: Path) -> None:
