@@ -12,8 +12,9 @@ export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tri
 ARGS ?=
 MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the output, also from a make within make
 SWEEP ?= backbones
+K ?= 5
 
-.PHONY: ablation install demo test data check-data train tensorboard sweep sweep-report report submit predict evaluate bench lint clean
+.PHONY: ablation install demo test data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -47,14 +48,17 @@ tensorboard: install  ## make tensorboard [ARGS="--port 6007 --bind_all"]: every
 sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=resnet50" (a grid of conf/sweep/)
 	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
 
+cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [ARGS=...]: K folds, then DIR/cv.md (out-of-fold)
+	$(PY) -m coco_multilabel.cv --data $(DATA) --folds $(K) $(if $(DIR),--dir $(DIR)) $(ARGS)
+
 sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
 	@$(PY) -m coco_multilabel.sweeps.summary $(DIR)
 
 report: install  ## make report RUN=outputs/train/<run> (or a sweep folder) [DATA=...]: <RUN>/report/report.html
 	$(PY) -m coco_multilabel.report $(RUN) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(ARGS)
 
-submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json
-	$(PY) -m coco_multilabel.submit ckpt_path=$(CKPT) data.root=$(DATA) output=$(OUT) $(ARGS)
+submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json; CKPT=a,b / a make cv DIR / a sweep dir with TOP=n: an ensemble
+	$(PY) -m coco_multilabel.submit "ckpt_path='$(CKPT)'" data.root=$(DATA) output=$(OUT) $(if $(TOP),submit.top=$(TOP)) $(ARGS)
 
 predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]
 	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(ARGS)

@@ -1,7 +1,9 @@
 """Submit: ``python -m coco_multilabel.submit ckpt_path=FILE data.root=DIR output=FILE``.
 
 Predicts every image of ``images/test`` with the checkpoint's tuned thresholds and writes the
-challenge JSON, validated against the test folder before it is moved into place. With
+challenge JSON, validated against the test folder before it is moved into place. ``ckpt_path`` may
+name an ensemble (``ckpt_path='a.ckpt,b.ckpt'``, a ``make cv`` folder, or a sweep folder with
+``submit.top=n``): the members' probabilities averaged, thresholds tuned for the ensemble. With
 ``submit.images=val`` it predicts the run's own val split instead (for ``make evaluate``), and
 ``submit.save_probs=true`` keeps the probabilities so thresholds can be re-tuned offline.
 ``submit.tta`` (default: as the checkpoint was validated) averages each image with its mirror image.
@@ -26,14 +28,21 @@ from coco_multilabel.data.split import split_image_paths
 from coco_multilabel.decisions.probabilities import save_probabilities
 from coco_multilabel.decisions.submission import decide_with_fallback, write_submission
 from coco_multilabel.errors import UserError
-from coco_multilabel.models.checkpoints import load_model, read_checkpoint
+from coco_multilabel.models.checkpoints import load_model
+from coco_multilabel.models.ensemble import (
+    ensemble_probabilities,
+    ensemble_thresholds,
+    member_paths,
+    read_member,
+    split_kind,
+)
 from coco_multilabel.models.inference import predict_files
 
 log = logging.getLogger(__name__)
 
 
 def submit(
-    ckpt_path: str,
+    ckpt_path: str | list,
     data_root: str,
     output: str,
     threshold: float | None = None,
@@ -42,31 +51,46 @@ def submit(
     save_probs: bool = False,
     tta: bool | None = None,
     fallback_labels: tuple[int, ...] = (0,),
+    top: int | None = None,
     **inference,
 ) -> Path:
     """Write the predictions JSON for ``images`` (``test`` or ``val``); return its path.
-    ``inference``: the options of :func:`predict_files` (image size, batch size, workers, ...)."""
-    checkpoint = read_checkpoint(ckpt_path)
-    classes = checkpoint["hyper_parameters"].get("num_classes", NUM_CLASSES)
-    if classes != NUM_CLASSES:
-        raise UserError(
-            f"{ckpt_path} predicts {classes} classes, but the challenge scores {NUM_CLASSES}; "
-            "submit a checkpoint trained by `make train` on the challenge data"
-        )
+    ``ckpt_path``: a checkpoint, or an ensemble (several, a ``make cv`` folder, a sweep folder with
+    ``top``; see models/ensemble.py). ``inference``: the options of :func:`predict_files`."""
+    members = [read_member(path) for path in member_paths(ckpt_path, top)]
+    for member in members:
+        classes = member.checkpoint["hyper_parameters"].get("num_classes", NUM_CLASSES)
+        if classes != NUM_CLASSES:
+            raise UserError(
+                f"{member.path} predicts {classes} classes, but the challenge scores {NUM_CLASSES}; "
+                "submit a checkpoint trained by `make train` on the challenge data"
+            )
     fallback = sorted(set(fallback_labels))
     if any(not 0 <= c < NUM_CLASSES for c in fallback):
         raise UserError(f"submit.fallback_labels must be class indices 0..{NUM_CLASSES - 1}, got {fallback}")
-    model = load_model(checkpoint, source=ckpt_path)
-    if tta is not None and tta != model.hparams.tta:
-        log.warning("submit.tta=%s, but the thresholds were tuned with tta=%s", tta, model.hparams.tta)
-        model.hparams.tta = tta
-    paths = image_paths(Path(ckpt_path), data_root, images)
-    predicted, kept = predict_files(model, checkpoint, paths, **inference)
+    if len(members) == 1:
+        checkpoint = members[0].checkpoint
+        model = load_model(checkpoint, source=members[0].path)
+        if tta is not None and tta != model.hparams.tta:
+            log.warning("submit.tta=%s, but the thresholds were tuned with tta=%s", tta, model.hparams.tta)
+            model.hparams.tta = tta
+        paths = image_paths(members, data_root, images)
+        predicted, kept = predict_files(model, checkpoint, paths, **inference)
+        thresholds, tuning = (
+            choose_thresholds(model, checkpoint, threshold),
+            checkpoint.get("threshold_tuning"),
+        )
+    else:  # thresholds first: they refuse members of different splits before any prediction
+        thresholds, tuning = ensemble_thresholds(members)
+        if threshold is not None:
+            log.info("threshold %.3f for every class (submit.threshold)", threshold)
+            thresholds = torch.full_like(thresholds, threshold)
+        paths = image_paths(members, data_root, images)
+        predicted, kept = ensemble_probabilities(members, paths, tta=tta, **inference)
     stems = [p.stem for p in paths]
     # an unreadable image "predicts" its fallback labels, in the JSON and in the saved probabilities
     probs = to_multi_hot(fallback).repeat(len(stems), 1)
     probs[kept] = predicted
-    thresholds = choose_thresholds(model, checkpoint, threshold)
     labels = decide_with_fallback(probs, kept, thresholds, min_labels, fallback)
     if not kept.all():
         first = paths[int(torch.nonzero(~kept)[0])]
@@ -76,25 +100,28 @@ def submit(
         )  # fmt: skip
     path = write_submission(output, dict(zip(stems, labels, strict=True)), stems)
     if save_probs:
-        save_probabilities(
-            path.with_suffix(".probs.pt"), stems, probs, thresholds, checkpoint.get("threshold_tuning")
-        )
+        save_probabilities(path.with_suffix(".probs.pt"), stems, probs, thresholds, tuning)
     log.info(
-        "wrote %s: %d images, %.2f labels per image", path, len(stems), sum(map(len, labels)) / len(stems)
-    )
+        "wrote %s: %d images, %.2f labels per image%s", path, len(stems), sum(map(len, labels)) / len(stems),
+        f", the mean of {len(members)} models" if len(members) > 1 else "",
+    )  # fmt: skip
     return path
 
 
-def image_paths(ckpt_path: Path, data_root: str, images: str) -> list[Path]:
-    """The test images, or the val images of the run the checkpoint belongs to."""
+def image_paths(members: list, data_root: str, images: str) -> list[Path]:
+    """The test images, or the val images of the run (or of the one split) the members belong to."""
     if images == "test":
         test_dir = check_data_root(data_root, need=("images/test",)) / "images" / "test"
         if not (paths := list_images(test_dir)):
             raise UserError(f"{test_dir} holds no .jpg file: {DATA_ROOT_HELP}")
         return paths
     if images == "val":
+        if len(members) > 1 and split_kind(members) != "split":
+            raise UserError(
+                "submit.images=val needs members of one split; the folds of a CV have no common val"
+            )
         root = check_data_root(data_root, need=("images/train",))
-        return split_image_paths(ckpt_path.parent.parent / "split.json", root, "val")
+        return split_image_paths(members[0].path.parent.parent / "split.json", root, "val")
     raise UserError(f"submit.images must be 'test' or 'val', got {images!r}")
 
 
@@ -113,10 +140,11 @@ def choose_thresholds(model, checkpoint: dict, override: float | None) -> torch.
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="submit")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    ckpt_path = cfg.ckpt_path if isinstance(cfg.ckpt_path, str) else list(cfg.ckpt_path)
     submit(
-        cfg.ckpt_path, cfg.data.root, cfg.output, threshold=cfg.submit.threshold,
+        ckpt_path, cfg.data.root, cfg.output, threshold=cfg.submit.threshold,
         min_labels=cfg.submit.min_labels, images=cfg.submit.images, save_probs=cfg.submit.save_probs,
-        tta=cfg.submit.tta, fallback_labels=tuple(cfg.submit.fallback_labels),
+        tta=cfg.submit.tta, fallback_labels=tuple(cfg.submit.fallback_labels), top=cfg.submit.get("top"),
         image_size=cfg.data.image_size, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         accelerator=cfg.accelerator, on_bad_image=cfg.data.on_bad_image,
     )  # fmt: skip

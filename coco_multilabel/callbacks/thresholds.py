@@ -21,7 +21,8 @@ class ThresholdTuner(L.Callback):
     ``val/threshold`` (the global one). In ``per_class`` mode the global-threshold figures are
     logged too, as ``val/<objective>_tuned_global`` and ``val/<objective>_xfit_global``. The
     thresholds go into the model's ``thresholds`` buffer and, with how they were chosen, into
-    every checkpoint saved after this validation.
+    every checkpoint saved after this validation, with the val probabilities themselves
+    (``val_predictions``: the out-of-fold probabilities of a cross-validation fold).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class ThresholdTuner(L.Callback):
         # the last validation's N x C probabilities and targets, for the figures callback
         self.probs: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
+        self.predictions: dict | None = None  # with their stems, saved in the checkpoints
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._probs, self._targets = [], []
@@ -60,6 +62,7 @@ class ThresholdTuner(L.Callback):
         targets = pl_module.all_gather(torch.cat(self._targets)).reshape(-1, n_classes).cpu()
         self._probs, self._targets = [], []
         self.probs, self.targets = probs, targets
+        self.predictions = val_predictions(trainer, probs, targets)
         metrics = evaluate_thresholds(
             probs, targets, self.mode, self.objective, self.seed, **self.per_class_kwargs
         )
@@ -82,3 +85,14 @@ class ThresholdTuner(L.Callback):
         """Say in the checkpoint how its ``thresholds`` buffer was chosen (submit reports it)."""
         if self.tuned is not None:
             checkpoint["threshold_tuning"] = dict(self.tuned)
+        if self.predictions is not None:  # best.ckpt: its epoch's, for out-of-fold tables
+            checkpoint["val_predictions"] = dict(self.predictions)
+
+
+def val_predictions(trainer, probs: torch.Tensor, targets: torch.Tensor) -> dict | None:
+    """The val images' stems, probabilities and targets, row for row; None where the rows cannot
+    be matched to stems (several processes gathered, or unreadable images skipped)."""
+    images = getattr(trainer.datamodule, "val_images", None)
+    if images is None or trainer.world_size != 1 or len(images) != len(probs):
+        return None
+    return {"stems": list(images.stems), "probs": probs.clone(), "targets": targets.clone()}

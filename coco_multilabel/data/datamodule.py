@@ -26,6 +26,7 @@ from coco_multilabel.data.feature_cache import (
     cache_key,
     whole_batch,
 )
+from coco_multilabel.data.folds import load_or_make_fold_split
 from coco_multilabel.data.label_index import load_label_index
 from coco_multilabel.data.split import load_or_make_split
 from coco_multilabel.data.transforms import eval_transform, train_transform
@@ -67,6 +68,9 @@ class CocoDataModule(L.LightningDataModule):
         num_classes: int = NUM_CLASSES,
         on_bad_image: str = "error",
         cache_on_device: bool = False,
+        folds: int | None = None,
+        fold: int = 0,
+        folds_file: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["split_file"])
@@ -104,7 +108,12 @@ class CocoDataModule(L.LightningDataModule):
         index = load_label_index(root / "labels" / "train", hp.cache_dir, hp.num_classes)
         names = image_names(root / "images" / "train")
         stems = labelled_stems(root, index.stems, names)
-        self.split = load_or_make_split(self.split_file, stems, hp.val_fraction, hp.seed)
+        if hp.folds:  # cross-validation: val is fold ``fold`` of the folds file, train the others
+            self.split = load_or_make_fold_split(
+                self.split_file, index.classes, stems, hp.folds, hp.fold, hp.folds_file, hp.seed
+            )
+        else:
+            self.split = load_or_make_split(self.split_file, stems, hp.val_fraction, hp.seed)
         log.info("split: %d train, %d val images", len(self.split["train"]), len(self.split["val"]))
         evaluate = eval_transform(image_size=hp.image_size, resize=hp.eval_resize)
         augment = train_transform(

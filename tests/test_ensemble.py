@@ -1,0 +1,118 @@
+"""Ensembles: the mean of the members' probabilities, thresholds tuned for the ensemble on images
+none of its members trained on, and members of different splits refused."""
+
+import json
+
+import pytest
+import torch
+
+from coco_multilabel.cv import oof_table
+from coco_multilabel.data.datasets import list_images
+from coco_multilabel.decisions.oof import out_of_fold
+from coco_multilabel.decisions.probabilities import read_probabilities
+from coco_multilabel.decisions.thresholds import tune
+from coco_multilabel.errors import UserError
+from coco_multilabel.models.checkpoints import load_model
+from coco_multilabel.models.ensemble import (
+    ensemble_probabilities,
+    ensemble_thresholds,
+    member_paths,
+    read_member,
+    split_kind,
+)
+from coco_multilabel.models.inference import predict_files
+from coco_multilabel.submit import submit
+from coco_multilabel.sweeps.job import run_job
+from coco_multilabel.train import train
+from tests.conftest import compose_tiny
+
+CPU = dict(num_workers=0, accelerator="cpu", progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_root, tmp_path_factory):
+    """A 2-fold CV folder, and a sweep folder of two runs on one split plus a run on another split."""
+    base = tmp_path_factory.mktemp("ensembles")
+    cv_dir, sweep = base / "cv", base / "sweep"
+
+    def fit(run_dir, *overrides):
+        run_job(compose_tiny(f"data.root={tiny_root}", f"run_dir={run_dir}", *overrides), train)
+        return run_dir / "checkpoints" / "best.ckpt"
+
+    shared = f"data.folds_file={cv_dir / 'folds.json'}"
+    folds = [fit(cv_dir / str(k), "data.folds=2", f"data.fold={k}", shared) for k in range(2)]
+    same = [fit(sweep / "0", "optimizer.lr=0.01"), fit(sweep / "1", "optimizer.lr=0.001")]
+    other = fit(base / "other", "seed=5")
+    return {"cv": cv_dir, "folds": folds, "sweep": sweep, "same": same, "other": other}
+
+
+def test_ensemble_probabilities_are_the_mean_of_the_members(runs, tiny_root):
+    members = [read_member(p) for p in runs["folds"]]
+    paths = list_images(tiny_root / "images" / "test")
+    each = []
+    for m in members:
+        probs, kept = predict_files(load_model(m.checkpoint), m.checkpoint, paths, **CPU)
+        assert kept.all()
+        each.append(probs)
+    mean, kept = ensemble_probabilities(members, paths, **CPU)
+    assert kept.all() and not torch.allclose(each[0], each[1])
+    torch.testing.assert_close(mean, (each[0] + each[1]) / 2)
+
+
+def test_a_cv_folder_submits_its_folds_with_thresholds_tuned_out_of_fold(runs, tiny_root, tmp_path):
+    assert member_paths(str(runs["cv"])) == runs["folds"]
+    record = oof_table(runs["cv"])
+    out = submit(str(runs["cv"]), str(tiny_root), str(tmp_path / "cv.json"), save_probs=True, **CPU)
+    saved = read_probabilities(out.with_suffix(".probs.pt"))
+    assert saved["thresholds"].tolist() == pytest.approx(record["thresholds"])
+    assert saved["threshold_tuning"]["tuned_on"] == "out-of-fold"
+    members = [read_member(p) for p in runs["folds"]]
+    mean, _ = ensemble_probabilities(members, list_images(tiny_root / "images" / "test"), **CPU)
+    torch.testing.assert_close(saved["probs"], mean)
+    predictions = json.loads(out.read_text())
+    assert len(predictions) == 8 and all(predictions.values())
+    # the same ensemble named by its checkpoints (a comma-separated list) decides the same
+    listed = submit(",".join(map(str, runs["folds"])), str(tiny_root), str(tmp_path / "list.json"), **CPU)
+    assert json.loads(listed.read_text()) == predictions
+
+
+def test_members_of_one_split_are_tuned_on_their_mean_val_probabilities(runs):
+    members = [read_member(p) for p in runs["same"]]
+    assert split_kind(members) == "split"
+    thresholds, record = ensemble_thresholds(members)
+    held = [m.held_out() for m in members]
+    expected = tune(torch.stack([h.probs for h in held]).mean(0), held[0].targets, "global", "macro_f1")
+    assert thresholds.tolist() == pytest.approx(expected.thresholds.tolist())
+    assert record["tuned_on"] == "shared val, mean of 2 models"
+
+
+def test_members_of_different_splits_are_refused(runs, tiny_root, tmp_path):
+    for mix in ([runs["same"][0], runs["other"]], [runs["folds"][0], runs["same"][0]]):
+        with pytest.raises(UserError, match="trained on different splits"):
+            submit(",".join(map(str, mix)), str(tiny_root), str(tmp_path / "x.json"), **CPU)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_two_folds_holding_the_same_images_are_refused():
+    held = [read_member_like(0, ["a", "b"]), read_member_like(1, ["b", "c"])]
+    with pytest.raises(UserError, match="image b is held out by two folds"):
+        out_of_fold(held)
+
+
+def read_member_like(fold, stems):
+    from coco_multilabel.decisions.oof import HeldOut
+
+    return HeldOut(fold, stems, torch.rand(len(stems), 80), torch.zeros(len(stems), 80), f"fold {fold}")
+
+
+def test_a_sweep_folder_gives_its_top_jobs_by_the_cross_fitted_objective(runs):
+    results = [json.loads((runs["sweep"] / j / "result.json").read_text()) for j in ("0", "1")]
+    best = max(results, key=lambda r: r["best_score"])
+    assert member_paths(str(runs["sweep"]), top=1) == [
+        runs["sweep"] / str(results.index(best)) / "checkpoints" / "best.ckpt"
+    ]
+    assert len(member_paths(str(runs["sweep"]), top=2)) == 2
+    with pytest.raises(UserError, match="TOP=n"):
+        member_paths(str(runs["sweep"]))
+    with pytest.raises(UserError, match="fewer than TOP=3"):
+        member_paths(str(runs["sweep"]), top=3)
