@@ -2,13 +2,15 @@
 
 import json
 
-from coco_multilabel.bench.scale import main
+import pytest
+
+from coco_multilabel.bench.scale import generate, main
 
 TINY = ["backbone=mobilenet_v3_small", "backbone.weights=null", "data.image_size=32", "data.batch_size=8",
         "data.num_workers=0", "data.val_fraction=0.25", "trainer.accelerator=cpu", "logger=csv"]  # fmt: skip
 
 
-def test_bench_scale_smoke_run_makes_its_data_once_and_writes_the_table(tmp_path, capsys):
+def test_bench_scale_smoke_run_makes_its_data_once_and_writes_the_table(tmp_path):
     data, out = tmp_path / "scale-data", tmp_path / "bench" / "scale.md"
     args = ["--images", "40", "--test-images", "6", "--size", "64x48", "--workers", "2", "--data", str(data),
             "--out", str(out), *TINY]  # fmt: skip
@@ -23,5 +25,7 @@ def test_bench_scale_smoke_run_makes_its_data_once_and_writes_the_table(tmp_path
     for row in rows:
         assert row in table, row
     stamp = (data / "scale.json").stat().st_mtime_ns
-    main(args)  # the data is made once
-    assert (data / "scale.json").stat().st_mtime_ns == stamp and "(already there)" in out.read_text()
+    assert generate(data, 40, 6, 64, 48, workers=1) == 0.0  # made once: found the next time
+    assert (data / "scale.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="holds another data set"):
+        generate(data, 41, 6, 64, 48, workers=1)
