@@ -14,7 +14,7 @@ MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the out
 SWEEP ?= backbones
 K ?= 5
 
-.PHONY: ablation install demo test data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean
+.PHONY: bench-scale ablation install demo test data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,9 @@ evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls 
 
 bench: install  ## make bench [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5"]; writes outputs/bench/bench.md
 	$(PY) -m coco_multilabel.bench.speed --data $(BENCH_DATA) $(ARGS)
+
+bench-scale: install  ## make bench-scale [ARGS="--images 65000 trainer=gpu"]: synthetic challenge-sized data, once; writes outputs/bench/scale.md
+	$(PY) -m coco_multilabel.bench.scale $(ARGS)
 
 ablation: install  ## make ablation [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5 --rows plain default"]; writes outputs/bench/ablation.md
 	$(PY) -m coco_multilabel.bench.ablation --data $(BENCH_DATA) $(ARGS)

@@ -96,3 +96,45 @@ def test_tuner_refuses_unknown_settings():
         ThresholdTuner(objective="accuracy")
     with pytest.raises(ValueError, match="mode"):
         ThresholdTuner(mode="per_image")
+
+
+def _gather_on_rank(rank: int, init_file: str, shards: list, out: str) -> None:
+    import torch.distributed as dist
+    from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available
+
+    from coco_multilabel.callbacks.thresholds import gather_by_index
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    probs, targets = separable(n=41, classes=4, seed=5)
+    probs = probs + 0.3 * torch.rand(probs.shape, generator=torch.Generator().manual_seed(6))
+    mine = torch.tensor(shards[rank])
+    gathered = gather_by_index(_all_gather_ddp_if_available, probs[mine], targets[mine].float(), mine)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+def test_thresholds_from_two_ranks_with_uneven_shards_equal_the_single_process_ones(tmp_path):
+    import torch.multiprocessing as mp
+
+    from coco_multilabel.callbacks.thresholds import gather_by_index
+    from coco_multilabel.decisions.thresholds import evaluate_thresholds
+
+    # a DistributedSampler's shards of 41 samples: 21 each, rank 1 padded with sample 0; rank 0
+    # could not read samples 6 and 10 (on_bad_image=skip), so it holds 19 rows and rank 1 21
+    shards = [[i for i in range(0, 41, 2) if i not in (6, 10)], [*range(1, 41, 2), 0]]
+    out = tmp_path / "gathered.pt"
+    mp.spawn(_gather_on_rank, args=(str(tmp_path / "init"), shards, str(out)), nprocs=2, join=True)
+    probs, targets, indices = torch.load(out)
+    expected_probs, expected_targets = separable(n=41, classes=4, seed=5)
+    expected_probs += 0.3 * torch.rand(expected_probs.shape, generator=torch.Generator().manual_seed(6))
+    kept = torch.tensor([i for i in range(41) if i not in (6, 10)])
+    assert torch.equal(probs, expected_probs[kept]) and torch.equal(targets, expected_targets[kept].float())
+    assert torch.equal(indices, kept)
+    backwards = kept.flip(0)  # one process, rows in any order: the same rows, in dataset order
+    single = gather_by_index(
+        lambda t: t, expected_probs[backwards], expected_targets[backwards].float(), backwards
+    )
+    assert torch.equal(single[0], probs) and torch.equal(single[1], targets)
+    ddp, one = (evaluate_thresholds(p, t, "per_class", "macro_f1") for p, t in ((probs, targets), single[:2]))
+    assert torch.equal(ddp.pop("tuning").thresholds, one.pop("tuning").thresholds) and ddp == one

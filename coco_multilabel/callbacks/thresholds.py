@@ -41,6 +41,7 @@ class ThresholdTuner(L.Callback):
         self.per_class_kwargs = dict(min_positives=min_positives, shrinkage=shrinkage)
         self._probs: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
+        self._indices: list[torch.Tensor] = []
         self.tuned: dict | None = None
         # the last validation's N x C probabilities and targets, for the figures callback
         self.probs: torch.Tensor | None = None
@@ -48,21 +49,30 @@ class ThresholdTuner(L.Callback):
         self.predictions: dict | None = None  # with their stems, saved in the checkpoints
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        self._probs, self._targets = [], []
+        self._probs, self._targets, self._indices = [], [], []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._probs.append(outputs["probs"].detach().float())
         self._targets.append(outputs["targets"].detach())
+        if "indices" in outputs:
+            self._indices.append(outputs["indices"].detach())
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self._probs:
             return
-        n_classes = pl_module.hparams.num_classes
-        probs = pl_module.all_gather(torch.cat(self._probs)).reshape(-1, n_classes).cpu()
-        targets = pl_module.all_gather(torch.cat(self._targets)).reshape(-1, n_classes).cpu()
-        self._probs, self._targets = [], []
+        probs, targets, indices = torch.cat(self._probs), torch.cat(self._targets), None
+        if len(self._indices) == len(self._probs):
+            probs, targets, indices = gather_by_index(
+                pl_module.all_gather, probs, targets, torch.cat(self._indices)
+            )
+        else:  # a model whose batches carry no indices: every rank must hold as many rows
+            n_classes = pl_module.hparams.num_classes
+            probs = pl_module.all_gather(probs).reshape(-1, n_classes)
+            targets = pl_module.all_gather(targets).reshape(-1, n_classes)
+        probs, targets = probs.cpu(), targets.cpu()
+        self._probs, self._targets, self._indices = [], [], []
         self.probs, self.targets = probs, targets
-        self.predictions = val_predictions(trainer, probs, targets)
+        self.predictions = val_predictions(trainer, probs, targets, indices)
         metrics = evaluate_thresholds(
             probs, targets, self.mode, self.objective, self.seed, **self.per_class_kwargs
         )
@@ -89,10 +99,38 @@ class ThresholdTuner(L.Callback):
             checkpoint["val_predictions"] = dict(self.predictions)
 
 
-def val_predictions(trainer, probs: torch.Tensor, targets: torch.Tensor) -> dict | None:
+def val_predictions(trainer, probs: torch.Tensor, targets: torch.Tensor, indices) -> dict | None:
     """The val images' stems, probabilities and targets, row for row; None where the rows cannot
-    be matched to stems (several processes gathered, or unreadable images skipped)."""
+    be matched to stems (batches without dataset indices)."""
     images = getattr(trainer.datamodule, "val_images", None)
-    if images is None or trainer.world_size != 1 or len(images) != len(probs):
+    if images is None or indices is None:
         return None
-    return {"stems": list(images.stems), "probs": probs.clone(), "targets": targets.clone()}
+    every = images.stems
+    stems = [every[i] for i in indices.tolist()]
+    return {"stems": stems, "probs": probs.clone(), "targets": targets.clone()}
+
+
+def gather_by_index(all_gather, probs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor):
+    """Every rank's val rows and their dataset indices, each sample once, in dataset order.
+
+    ``all_gather`` needs the same shape on every rank, and ranks hold different row counts when
+    images were skipped: each pads to the largest count with index -1. A DistributedSampler pads
+    the last ranks with repeats of the first samples: those are dropped by index. Without a
+    process group ``all_gather`` returns its input and this just orders the rows.
+    """
+    count = torch.tensor([len(indices)], device=indices.device)
+    most = int(all_gather(count).max())
+    pad = most - len(indices)
+    indices = torch.cat([indices.long(), indices.new_full((pad,), -1, dtype=torch.long)])
+    probs = torch.cat([probs, probs.new_zeros(pad, *probs.shape[1:])])
+    targets = torch.cat([targets, targets.new_zeros(pad, *targets.shape[1:])])
+    indices = all_gather(indices).reshape(-1)
+    probs = all_gather(probs).reshape(len(indices), -1)
+    targets = all_gather(targets).reshape(len(indices), -1)
+    real = indices >= 0
+    indices, probs, targets = indices[real], probs[real], targets[real]
+    ordered, order = torch.sort(indices, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    keep = order[first]
+    return probs[keep], targets[keep], indices[keep]
