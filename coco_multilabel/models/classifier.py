@@ -14,6 +14,7 @@ from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import metric_collection
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
+from coco_multilabel.training.precision import check_eval_precision, eval_autocast, float32_head
 from coco_multilabel.training.schedule import Phase
 
 HEADS = ("linear", "csra")
@@ -38,6 +39,10 @@ class MultiLabelClassifier(L.LightningModule):
     is ``linear`` (pooled features, dropout, linear) or ``csra`` (class-specific residual attention
     over the feature map, weight ``csra_lambda``). ``tta`` averages the probabilities of each image
     and its mirror image, in validation and in submit.
+
+    Logits and probabilities are float32 under any precision (the head runs outside autocast).
+    Evaluation (validation, predict, submit) runs at ``eval_precision`` (``32``, ``bf16``, ``16``)
+    whatever the trainer's: thresholds tuned in validation meet the same numbers in submit.
     """
 
     def __init__(
@@ -53,13 +58,15 @@ class MultiLabelClassifier(L.LightningModule):
         head: str = "linear",
         csra_lambda: float = 0.3,
         top_stages: int = 0,
+        eval_precision: str = "32",
     ):
         super().__init__()
         backbone, optimizer, scheduler, loss = map(_plain, (backbone, optimizer, scheduler, loss))
         self.save_hyperparameters(
             dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, loss=loss,
                  num_classes=num_classes, dropout=dropout, channels_last=channels_last, tta=tta,
-                 head=head, csra_lambda=csra_lambda, top_stages=top_stages)
+                 head=head, csra_lambda=csra_lambda, top_stages=top_stages,
+                 eval_precision=check_eval_precision(eval_precision))
         )  # fmt: skip
         if head not in HEADS:
             raise UserError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
@@ -141,7 +148,13 @@ class MultiLabelClassifier(L.LightningModule):
                 inputs = self.backbone.trunk(self.normalize(inputs), hp.top_stages, self.spatial)
         else:
             inputs = self._memory_format(inputs.to(self.head_dtype))
-        return self.head(self.backbone.top(inputs, hp.top_stages, self.spatial))
+        features = self.backbone.top(inputs, hp.top_stages, self.spatial)
+        with float32_head(features.device):
+            return self.head(features.to(self.head_dtype))
+
+    def eval_autocast(self):
+        """Validation and predict both compute under this (``eval_precision``)."""
+        return eval_autocast(self.hparams.eval_precision, self.device)
 
     @property
     def head_dtype(self) -> torch.dtype:
@@ -183,7 +196,8 @@ class MultiLabelClassifier(L.LightningModule):
         image's (N x 2 x ..., as the feature cache serves val).
         """
         plain, mirrored = self._views(inputs)
-        return self._average_mirror(self(plain).float().sigmoid(), mirrored, tta)
+        with self.eval_autocast():
+            return self._average_mirror(self(plain).float().sigmoid(), mirrored, tta)
 
     @staticmethod
     def _views(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -211,10 +225,11 @@ class MultiLabelClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         inputs, targets = batch
         plain, mirrored = self._views(inputs)
-        logits = self(plain).float()
+        with self.eval_autocast():
+            logits = self(plain).float()
+            probs = self._average_mirror(logits.sigmoid(), mirrored)
         loss = self.criterion(logits, targets)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(inputs))
-        probs = self._average_mirror(logits.sigmoid(), mirrored)
         return {"probs": probs, "targets": targets}  # the ThresholdTuner scores the epoch
 
     def predict_step(self, batch, batch_idx):
