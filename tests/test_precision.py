@@ -182,3 +182,17 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_transform(tmp_pa
     on_device = net.normalize(uint8[None].to(net.device))
     assert on_device.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(on_device[0], classic(Image.open(path)), rtol=0, atol=1e-5)
+
+
+def test_the_feature_cache_is_computed_at_the_eval_precision_and_keyed_by_it():
+    """Validation from cached maps must see what submit computes from images."""
+    x = images()
+    full, half = model(), model(eval_precision="bf16")
+    with torch.no_grad():
+        assert (
+            half.trunk_features(x).dtype == torch.bfloat16 and full.trunk_features(x).dtype == torch.float32
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not change it
+            assert torch.equal(full.trunk_features(x), model().trunk_features(x))
+        assert not torch.equal(half.trunk_features(x), full.trunk_features(x))
+    assert "eval_precision" not in full.trunk_cut() and half.trunk_cut()["eval_precision"] == "bf16"

@@ -161,24 +161,29 @@ class MultiLabelClassifier(L.LightningModule):
         return next(self.head.parameters()).dtype
 
     def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
-        """What the feature cache keeps: the frozen trunk's output, in eval mode, without gradients."""
+        """What the feature cache keeps: the frozen trunk's output, in eval mode, without gradients,
+        at ``eval_precision``: validation from the cache then sees what submit computes from images."""
         modes = {module: module.training for module in self.backbone.modules()}
         self.backbone.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.eval_autocast():
                 return self.backbone.trunk(self.normalize(images), self.hparams.top_stages, self.spatial)
         finally:
             for module, training in modes.items():  # each as it was: the top may train, the trunk not
                 module.training = training
 
     def trunk_cut(self) -> dict:
-        """Where the trunk ends and how images are normalised before it: the feature cache's key."""
-        return {
+        """Where the trunk ends, how images are normalised before it and at what precision it runs:
+        the feature cache's key."""
+        cut = {
             "top_stages": self.hparams.top_stages,
             "spatial": self.spatial,
             "mean": [round(float(m), 6) for m in self.mean.flatten()],
             "std": [round(float(s), 6) for s in self.std.flatten()],
         }
+        if self.hparams.eval_precision != "32":  # float32 caches keep the keys they always had
+            cut["eval_precision"] = self.hparams.eval_precision
+        return cut
 
     @staticmethod
     def _is_images(inputs: torch.Tensor) -> bool:
