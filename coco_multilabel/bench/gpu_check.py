@@ -50,7 +50,8 @@ class Sizes:
     warmup: int
     eval_batch: int
     accelerator: str
-    extra: dict = field(default_factory=dict)
+    submit: list[str] = field(default_factory=list)  # overrides of submit
+    workers: int | None = None  # submit's DataLoader workers (None: one per core)
 
 
 GPU = Sizes(
@@ -67,7 +68,7 @@ SMOKE = Sizes(
     recipe=["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "schedule.top.epochs=1"],
     throughput=[("MobileNetV3-S @ 32 (smoke)", ["backbone=mobilenet_v3_small", "backbone.weights=null",
                  "data.image_size=32", "data.batch_size=4", "data.num_workers=0"])],
-    steps=2, warmup=1, eval_batch=4, accelerator="cpu",
+    steps=2, warmup=1, eval_batch=4, accelerator="cpu", submit=["data.num_workers=0"], workers=0,
 )  # fmt: skip
 
 
@@ -177,7 +178,9 @@ def check_recipe(table: Table, root: Path, work: Path, sizes: Sizes) -> Path | N
               f"{result.get('epochs')} epochs, cache built, cross-fitted val macro F1")  # fmt: skip
     ckpt = run / "checkpoints" / "best.ckpt"
     args = [f"ckpt_path={ckpt}", f"data.root={root}", f"output={work / 'submission.json'}"]
-    done, wall = cli("coco_multilabel.submit", *args, f"accelerator={sizes.accelerator}", cwd=work)
+    done, wall = cli(
+        "coco_multilabel.submit", *args, f"accelerator={sizes.accelerator}", *sizes.submit, cwd=work
+    )
     if done.returncode:
         table.failed += 1
         table.add("default recipe, submit", f"failed ({done.returncode})", wall, failure(done))
@@ -193,7 +196,10 @@ def check_recipe(table: Table, root: Path, work: Path, sizes: Sizes) -> Path | N
 
 
 def check_submit_speed(table: Table, ckpt: Path, root: Path, work: Path, sizes: Sizes) -> None:
-    for row in submit_rates(ckpt, str(root), work / "submit", batch_size=sizes.eval_batch, batches=3):
+    rows = submit_rates(
+        ckpt, str(root), work / "submit", sizes.eval_batch, batches=3, num_workers=sizes.workers
+    )
+    for row in rows:
         note = f"submit {row['submit']:.1f} vs model alone {row['model_only']:.1f} img/s, {row['views']}"
         table.add(f"eval {row['precision']}: submit vs model alone", f"{row['ratio']:.2f}x", note=note)
 

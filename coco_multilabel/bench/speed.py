@@ -153,7 +153,9 @@ def model_inference_rate(ckpt_path: str | Path, batch_size: int = 32, batches: i
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def submit_rates(ckpt_path: str | Path, root: str, out: Path, batch_size: int = 32, batches: int = 3) -> list:
+def submit_rates(
+    ckpt_path: str | Path, root: str, out: Path, batch_size: int = 32, batches: int = 3, num_workers=None
+) -> list:
     """Per eval precision (fp32, bf16): the model-only eval rate and submit's end to end (files,
     decode in workers, JSON), in images/s, and their ratio (target >= 0.9)."""
     from coco_multilabel.models.inference import checkpoint_image_size
@@ -166,7 +168,7 @@ def submit_rates(ckpt_path: str | Path, root: str, out: Path, batch_size: int = 
         model_only = model_inference_rate(ckpt, batch_size, batches)
         start = time.perf_counter()
         path = submit(str(ckpt), root, str(out / f"submission_{precision}.json"), batch_size=batch_size,
-                      progress_bar=False)  # fmt: skip
+                      num_workers=num_workers, progress_bar=False)  # fmt: skip
         n_test = len(json.loads(path.read_text()))
         end_to_end = n_test / (time.perf_counter() - start)
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
