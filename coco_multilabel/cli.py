@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from coco_multilabel.errors import UserError
 from coco_multilabel.sweeps.devices import visible_devices
+from coco_multilabel.training.precision import gpu_precision
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
 
@@ -39,6 +40,7 @@ def parallel_jobs(device_ids) -> int:
 OmegaConf.register_new_resolver("run_dir_for", run_dir_for, replace=True)
 OmegaConf.register_new_resolver("last_checkpoint", last_checkpoint, replace=True)
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
+OmegaConf.register_new_resolver("gpu_precision", gpu_precision, replace=True)
 
 
 def in_multirun() -> bool:

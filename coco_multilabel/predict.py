@@ -47,12 +47,11 @@ def predict(
     checkpoint = read_checkpoint(ckpt_path)
     files = image_files(target)
     model = load_model(checkpoint, source=ckpt_path)
+    thresholds = model.thresholds.detach().float().cpu()  # beside the probabilities, wherever the model runs
     if threshold is not None:
-        thresholds = torch.full_like(model.thresholds, threshold)
-    else:
-        if "threshold_tuning" not in checkpoint:
-            log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
-        thresholds = model.thresholds  # 0.5 unless tuned
+        thresholds = torch.full_like(thresholds, threshold)
+    elif "threshold_tuning" not in checkpoint:
+        log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
     inference = {"progress_bar": False, "num_workers": 0 if len(files) < 64 else None, **inference}
     probs, _ = predict_files(model, checkpoint, files, **inference)  # with flips when validated so
     names = COCO_CLASSES[: len(thresholds)]

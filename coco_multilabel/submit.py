@@ -126,15 +126,17 @@ def image_paths(members: list, data_root: str, images: str) -> list[Path]:
 
 
 def choose_thresholds(model, checkpoint: dict, override: float | None) -> torch.Tensor:
+    """On the CPU, beside the probabilities, wherever the model ran."""
+    tuned = model.thresholds.detach().float().cpu()
     if override is not None:
         log.info("threshold %.3f for every class (submit.threshold)", override)
-        return torch.full_like(model.thresholds, override)
+        return torch.full_like(tuned, override)
     tuning = checkpoint.get("threshold_tuning")
     if tuning is None:
         log.warning("the checkpoint has no tuned thresholds; using 0.5 (set submit.threshold to choose)")
-        return torch.full_like(model.thresholds, 0.5)
+        return torch.full_like(tuned, 0.5)
     log.info("thresholds tuned on val: %s, maximising %s", tuning.get("mode"), tuning.get("objective"))
-    return model.thresholds
+    return tuned
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="submit")

@@ -22,11 +22,12 @@ from coco_multilabel.data.datasets import check_data_root
 from coco_multilabel.io import AtomicCheckpointIO, write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.backbones import without_downloads
-from coco_multilabel.models.checkpoints import check_resumable, read_checkpoint
+from coco_multilabel.models.checkpoints import check_resumable, drop_last_checkpoint, read_checkpoint
 from coco_multilabel.reporting.run_summary import print_summary
 from coco_multilabel.sweeps.job import run_job
 from coco_multilabel.training.options import check_options
 from coco_multilabel.training.phases import fit_phases
+from coco_multilabel.training.precision import use_tensor_cores
 from coco_multilabel.training.schedule import phases_from_config
 
 
@@ -55,7 +56,9 @@ def train(cfg: DictConfig) -> dict:
         cfg.trainer, max_epochs=1, max_time=None, callbacks=callbacks, logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )  # fmt: skip
+    use_tensor_cores(trainer)
     fit_phases(trainer, model, datamodule, phases, cfg.ckpt_path, budget)
+    drop_last_checkpoint(trainer, cfg.run_dir, keep=cfg.keep_last_checkpoint)  # finished: best.ckpt suffices
     summary = {**run_summary(trainer), "phases": [p.record() for p in phases], "cut_epoch": budget.cut}
     if summary["best_checkpoint"]:
         tuning = read_checkpoint(summary["best_checkpoint"]).get("threshold_tuning", {})

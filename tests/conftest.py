@@ -22,6 +22,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "callbacks.progress_bar=null",
     "logger=csv",
+    "keep_last_checkpoint=true",  # tests resume and read finished runs' last.ckpt
 ]
 
 

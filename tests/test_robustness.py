@@ -181,6 +181,7 @@ def test_training_killed_with_sigkill_resumes_to_the_uninterrupted_result(
     run_dir = tmp_path / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
     overrides = [*TINY, f"data.root={tiny_root}", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
+    overrides.append("keep_last_checkpoint=false")  # the default: a killed run keeps last.ckpt all the same
     process = subprocess.Popen(
         [sys.executable, "-m", "coco_multilabel.train", *overrides],
         cwd=tmp_path, env=one_thread, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -135,6 +135,48 @@ def test_a_multirun_job_refuses_ddp(train_cfg):
         check_one_device(train_cfg("trainer=ddp"))
 
 
+SLURM_TASK = {  # what srun sets for task 3 of 4 (2 nodes x 2 GPUs): the second task of the second node
+    "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2", "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+    "SLURM_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]",
+}  # fmt: skip
+
+
+def test_one_run_across_slurm_nodes_gets_its_ranks_from_slurm(tiny_root, tmp_path, monkeypatch):
+    """hydra/launcher=slurm_ddp asks SLURM for one task per GPU on each node, and the multirun job
+    may use DDP there; Lightning's SLURMEnvironment then resolves world size and ranks."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from coco_multilabel.cli import CONFIG_DIR
+    from tests.conftest import tiny
+
+    slurm = ["hydra/launcher=slurm_ddp", "trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2"]
+    overrides = tiny(f"data.root={tiny_root}", f"run_dir={tmp_path}", *slurm, "trainer.accelerator=cpu")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "submitit" in launcher._target_ and (launcher.nodes, launcher.tasks_per_node) == (2, 2)
+    assert launcher.gpus_per_node == 2
+    check_one_device(cfg, launcher._target_)  # allowed on SLURM
+    with pytest.raises(UserError, match="one device"):
+        check_one_device(cfg, "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+    cfg.trainer.devices = -1
+    with pytest.raises(UserError, match="name how many GPUs each node gives it"):
+        check_one_device(cfg, launcher._target_)
+    cfg.trainer.devices = 2
+    for name, value in SLURM_TASK.items():
+        monkeypatch.setenv(name, value)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], max_time=None)
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (4, 3, 1, 1)
+    assert trainer.strategy.cluster_environment.main_address == "gpu07"
+    environment = trainer.strategy.cluster_environment
+    assert environment.creates_processes_externally  # SLURM started the processes: Lightning starts none
+    environment.validate_settings(num_devices=2, num_nodes=2)  # what launch checks: tasks per node = GPUs
+
+
 def test_precision_accumulation_and_channels_last_train(train_cfg, tmp_path):
     cfg = train_cfg("trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
                     "model.channels_last=true")  # fmt: skip

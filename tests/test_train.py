@@ -84,6 +84,36 @@ def test_resume_continues_the_epoch_count(trained, train_cfg, tmp_path):
     assert torch.load(last, weights_only=False)["epoch"] == 2  # one more epoch, not three
 
 
+def test_a_finished_run_keeps_best_ckpt_only_and_says_how_to_train_on(train_cfg, tmp_path):
+    run_dir = tmp_path / "finished"
+    summary = train(train_cfg("keep_last_checkpoint=false", run_dir=run_dir))
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["best.ckpt"]
+    assert summary["best_checkpoint"].endswith("best.ckpt")
+    with pytest.raises(
+        UserError, match=r"a finished run keeps only best.ckpt; train on .* ckpt_path=.*best.ckpt"
+    ):
+        train(train_cfg("trainer.max_epochs=2", f"resume={run_dir}", run_dir=run_dir))
+
+
+def test_an_unfinished_run_keeps_last_ckpt(tmp_path):
+    from types import SimpleNamespace
+
+    from coco_multilabel.models.checkpoints import drop_last_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("best.ckpt", "last.ckpt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"x")
+    stopped = SimpleNamespace(interrupted=True, is_global_zero=True)
+    assert drop_last_checkpoint(stopped, tmp_path) is None  # interrupted: it resumes from last.ckpt
+    other_rank = SimpleNamespace(interrupted=False, is_global_zero=False)
+    assert drop_last_checkpoint(other_rank, tmp_path) is None
+    finished = SimpleNamespace(interrupted=False, is_global_zero=True)
+    assert drop_last_checkpoint(finished, tmp_path, keep=True) is None
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert drop_last_checkpoint(finished, tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 def test_resume_with_another_backbone_is_refused(trained, train_cfg):
     run_dir, _ = trained
     cfg = train_cfg(

@@ -21,6 +21,12 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; pass the .ckpt file in it (<run dir>/checkpoints/)")
+    if not path.is_file() and path.name == "last.ckpt" and path.with_name("best.ckpt").is_file():
+        raise UserError(
+            f"checkpoint {path} does not exist: the run finished, and a finished run keeps only "
+            f"best.ckpt; train on from its best epoch with ckpt_path={path.with_name('best.ckpt')}, "
+            "or train with keep_last_checkpoint=true to keep last.ckpt"
+        )
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; runs keep theirs in <run dir>/checkpoints/")
     try:
@@ -78,3 +84,15 @@ def check_resumable(ckpt_path: str | Path, backbone: dict, num_classes: int = NU
             f"{ckpt_path} predicts {saved.get('num_classes')} classes, but this run has {num_classes}; "
             "resume with the same model.num_classes or start a new run"
         )
+
+
+def drop_last_checkpoint(trainer, run_dir: str | Path, keep: bool = False) -> Path | None:
+    """A finished run keeps ``best.ckpt`` (what submit, report and a further run need) and drops
+    ``last.ckpt``, its resume point, which a finished run no longer needs: one checkpoint per job of
+    a sweep, not two. Kept with ``keep`` (``keep_last_checkpoint=true``), when there is no
+    ``best.ckpt``, and by a run that did not finish (killed, interrupted): it resumes from it."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if keep or trainer.interrupted or not trainer.is_global_zero or not last.with_name("best.ckpt").is_file():
+        return None
+    last.unlink(missing_ok=True)
+    return last

@@ -15,6 +15,7 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import metric_collection
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
 from coco_multilabel.models.registry import check_model_configs
+from coco_multilabel.training.precision import check_eval_precision, eval_autocast, float32_head
 from coco_multilabel.training.schedule import Phase
 
 HEADS = ("linear", "csra")
@@ -39,6 +40,10 @@ class MultiLabelClassifier(L.LightningModule):
     is ``linear`` (pooled features, dropout, linear) or ``csra`` (class-specific residual attention
     over the feature map, weight ``csra_lambda``). ``tta`` averages the probabilities of each image
     and its mirror image, in validation and in submit.
+
+    Logits and probabilities are float32 under any precision (the head runs outside autocast).
+    Evaluation (validation, predict, submit) runs at ``eval_precision`` (``32``, ``bf16``, ``16``)
+    whatever the trainer's: thresholds tuned in validation meet the same numbers in submit.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class MultiLabelClassifier(L.LightningModule):
         head: str = "linear",
         csra_lambda: float = 0.3,
         top_stages: int = 0,
+        eval_precision: str = "32",
     ):
         super().__init__()
         backbone, optimizer, scheduler, loss = map(_plain, (backbone, optimizer, scheduler, loss))
@@ -63,7 +69,8 @@ class MultiLabelClassifier(L.LightningModule):
         self.save_hyperparameters(
             dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, loss=loss,
                  num_classes=num_classes, dropout=dropout, channels_last=channels_last, tta=tta,
-                 head=head, csra_lambda=csra_lambda, top_stages=top_stages)
+                 head=head, csra_lambda=csra_lambda, top_stages=top_stages,
+                 eval_precision=check_eval_precision(eval_precision))
         )  # fmt: skip
         if head not in HEADS:
             raise UserError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
@@ -145,31 +152,42 @@ class MultiLabelClassifier(L.LightningModule):
                 inputs = self.backbone.trunk(self.normalize(inputs), hp.top_stages, self.spatial)
         else:
             inputs = self._memory_format(inputs.to(self.head_dtype))
-        return self.head(self.backbone.top(inputs, hp.top_stages, self.spatial))
+        features = self.backbone.top(inputs, hp.top_stages, self.spatial)
+        with float32_head(features.device):
+            return self.head(features.to(self.head_dtype))
+
+    def eval_autocast(self):
+        """Validation and predict both compute under this (``eval_precision``)."""
+        return eval_autocast(self.hparams.eval_precision, self.device)
 
     @property
     def head_dtype(self) -> torch.dtype:
         return next(self.head.parameters()).dtype
 
     def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
-        """What the feature cache keeps: the frozen trunk's output, in eval mode, without gradients."""
+        """What the feature cache keeps: the frozen trunk's output, in eval mode, without gradients,
+        at ``eval_precision``: validation from the cache then sees what submit computes from images."""
         modes = {module: module.training for module in self.backbone.modules()}
         self.backbone.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.eval_autocast():
                 return self.backbone.trunk(self.normalize(images), self.hparams.top_stages, self.spatial)
         finally:
             for module, training in modes.items():  # each as it was: the top may train, the trunk not
                 module.training = training
 
     def trunk_cut(self) -> dict:
-        """Where the trunk ends and how images are normalised before it: the feature cache's key."""
-        return {
+        """Where the trunk ends, how images are normalised before it and at what precision it runs:
+        the feature cache's key."""
+        cut = {
             "top_stages": self.hparams.top_stages,
             "spatial": self.spatial,
             "mean": [round(float(m), 6) for m in self.mean.flatten()],
             "std": [round(float(s), 6) for s in self.std.flatten()],
         }
+        if self.hparams.eval_precision != "32":  # float32 caches keep the keys they always had
+            cut["eval_precision"] = self.hparams.eval_precision
+        return cut
 
     @staticmethod
     def _is_images(inputs: torch.Tensor) -> bool:
@@ -187,7 +205,8 @@ class MultiLabelClassifier(L.LightningModule):
         image's (N x 2 x ..., as the feature cache serves val).
         """
         plain, mirrored = self._views(inputs)
-        return self._average_mirror(self(plain).float().sigmoid(), mirrored, tta)
+        with self.eval_autocast():
+            return self._average_mirror(self(plain).float().sigmoid(), mirrored, tta)
 
     @staticmethod
     def _views(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -215,10 +234,11 @@ class MultiLabelClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         inputs, targets = batch[:2]
         plain, mirrored = self._views(inputs)
-        logits = self(plain).float()
+        with self.eval_autocast():
+            logits = self(plain).float()
+            probs = self._average_mirror(logits.sigmoid(), mirrored)
         loss = self.criterion(logits, targets)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(inputs))
-        probs = self._average_mirror(logits.sigmoid(), mirrored)
         # the ThresholdTuner scores the epoch; the dataset indices (when the batch has them) let it
         # drop a DistributedSampler's padded duplicates and restore the dataset's order
         return {"probs": probs, "targets": targets, **({"indices": batch[2]} if len(batch) > 2 else {})}

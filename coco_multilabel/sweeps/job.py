@@ -38,7 +38,7 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | Non
     run_dir = Path(cfg.run_dir)
     record = {"status": "running", "overrides": task_overrides()}
     if in_multirun():
-        check_one_device(cfg)
+        check_one_device(cfg, launcher_target())
         previous = check_job_folder(run_dir, record["overrides"])
         if previous and previous["status"] == "done":
             log.info("%s finished before (best %s); skipped", run_dir, previous.get("best_score"))
@@ -73,15 +73,25 @@ def check_job_folder(run_dir: Path, overrides: list[str]) -> dict | None:
     return previous
 
 
-def check_one_device(cfg: DictConfig) -> None:
-    """Lightning's DDP re-launches the script per device, which inside a multirun re-launches the
-    whole sweep: multirun jobs therefore train on one device each."""
+def check_one_device(cfg: DictConfig, launcher: str = "") -> None:
+    """Lightning's DDP re-launches the script per device, which inside a multirun on this machine
+    re-launches the whole sweep: local multirun jobs therefore train on one device each. On SLURM
+    (a submitit ``launcher``) the scheduler starts one task per GPU and Lightning joins them
+    (``hydra/launcher=slurm_ddp``), so a job may span GPUs and nodes; it must then name its GPUs."""
     strategy = str(cfg.trainer.get("strategy", "auto"))
+    if "submitit" in launcher:
+        devices = cfg.trainer.devices
+        if "ddp" in strategy and not (isinstance(devices, int) and devices > 0):
+            raise UserError(
+                f"trainer.devices={devices}: on SLURM a DDP job starts one task per GPU, so name how many "
+                "GPUs each node gives it, e.g. trainer.devices=4 (hydra/launcher=slurm_ddp follows it)"
+            )
+        return
     if "ddp" in strategy or str(cfg.trainer.devices) not in ("1", "auto"):
         raise UserError(
             f"a multirun job trains on one device, but trainer.strategy={strategy} "
             f"trainer.devices={cfg.trainer.devices}: drop trainer=ddp (the sweep puts one job on "
-            "each GPU), or run trainer=ddp as a single run without -m"
+            "each GPU), run trainer=ddp as a single run without -m, or on SLURM use hydra/launcher=slurm_ddp"
         )
 
 
@@ -90,8 +100,7 @@ def job_device(cfg: DictConfig) -> Iterator[str | None]:
     """A multirun job launched on this machine holds one device of ``cfg.device_pool`` while it
     trains; single runs, and jobs that a scheduler such as SLURM placed, use what they were given."""
     pool = cfg.get("device_pool")
-    launcher = HydraConfig.get().launcher.get("_target_", "") if HydraConfig.initialized() else ""
-    if not in_multirun() or not pool or "submitit" in launcher:
+    if not in_multirun() or not pool or "submitit" in launcher_target():
         yield None
         return
     keys, indices = pool_devices(pool.ids)
@@ -102,6 +111,11 @@ def job_device(cfg: DictConfig) -> Iterator[str | None]:
         if uses_gpu(cfg):
             cfg.trainer.devices = [indices[position]]
         yield keys[position]
+
+
+def launcher_target() -> str:
+    """The Hydra launcher running this job (``...SlurmLauncher`` on SLURM), or "" outside Hydra."""
+    return HydraConfig.get().launcher.get("_target_", "") if HydraConfig.initialized() else ""
 
 
 def pool_devices(ids) -> tuple[list[str], list[int]]:
