@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -12,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.sweeps.devices import visible_devices
+from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
 
@@ -31,6 +32,12 @@ def last_checkpoint(run_dir: str | None) -> str | None:
     return str(Path(run_dir) / "checkpoints" / "last.ckpt") if run_dir else None
 
 
+def config_subdir(ckpt_path: str | None) -> str:
+    """Where Hydra saves a run's config: ``.hydra``, or for a resume ``.hydra/resumed/<time>``, so
+    that a resume (refused, or with other options) never rewrites the config the run was made with."""
+    return f".hydra/resumed/{time.strftime('%Y-%m-%d_%H-%M-%S')}" if ckpt_path else ".hydra"
+
+
 def parallel_jobs(device_ids) -> int:
     """How many multirun jobs run at once on this machine: one per device of the pool (one on CPU)."""
     return len(device_ids) if device_ids is not None else max(1, len(visible_devices()))
@@ -38,6 +45,8 @@ def parallel_jobs(device_ids) -> int:
 
 OmegaConf.register_new_resolver("run_dir_for", run_dir_for, replace=True)
 OmegaConf.register_new_resolver("last_checkpoint", last_checkpoint, replace=True)
+OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
+OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=True)
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
 
 
