@@ -44,7 +44,8 @@ def list_images(image_dir: str | Path) -> list[Path]:
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise UserError(f"image folder {image_dir} does not exist")
-    return sorted((p for p in image_dir.iterdir() if p.suffix in IMAGE_SUFFIXES), key=lambda p: p.stem)
+    files = (p for p in image_dir.iterdir() if p.suffix in IMAGE_SUFFIXES and not p.is_dir())  # x.jpg/ isn't
+    return sorted(files, key=lambda p: p.stem)
 
 
 class CocoImages(Dataset):
@@ -132,7 +133,7 @@ def labelled_stems(root: str | Path) -> list[str]:
     label_dir = root / "labels" / "train"
     if not label_dir.is_dir():
         raise UserError(f"label folder {label_dir} does not exist; data.root must hold labels/train")
-    labelled = {p.stem for p in label_dir.glob("*.cls")}
+    labelled = {p.stem for p in label_dir.glob("*.cls") if not p.is_dir()}
     images = [p.stem for p in list_images(root / "images" / "train")]
     stems = [stem for stem in images if stem in labelled]
     if len(stems) < len(images):
