@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from coco_multilabel.cli import report_user_errors
 from coco_multilabel.data.checks import check_data
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

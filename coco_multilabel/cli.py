@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -12,7 +15,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.sweeps.devices import visible_devices
+from coco_multilabel.io import one_line, write_text_atomic
+from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
 from coco_multilabel.training.precision import gpu_precision
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
@@ -32,6 +36,12 @@ def last_checkpoint(run_dir: str | None) -> str | None:
     return str(Path(run_dir) / "checkpoints" / "last.ckpt") if run_dir else None
 
 
+def config_subdir(ckpt_path: str | None) -> str:
+    """Where Hydra saves a run's config: ``.hydra``, or for a resume ``.hydra/resumed/<time>``, so
+    that a resume (refused, or with other options) never rewrites the config the run was made with."""
+    return f".hydra/resumed/{time.strftime('%Y-%m-%d_%H-%M-%S')}" if ckpt_path else ".hydra"
+
+
 def parallel_jobs(device_ids) -> int:
     """How many multirun jobs run at once on this machine: one per device of the pool (one on CPU)."""
     return len(device_ids) if device_ids is not None else max(1, len(visible_devices()))
@@ -39,6 +49,8 @@ def parallel_jobs(device_ids) -> int:
 
 OmegaConf.register_new_resolver("run_dir_for", run_dir_for, replace=True)
 OmegaConf.register_new_resolver("last_checkpoint", last_checkpoint, replace=True)
+OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
+OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=True)
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
 OmegaConf.register_new_resolver("gpu_precision", gpu_precision, replace=True)
 
@@ -48,8 +60,9 @@ def in_multirun() -> bool:
 
 
 def report_user_errors(main):
-    """Print a UserError as one clear line and exit 2, instead of a traceback. In a multirun that
-    job ends there (its result.json says why) and the other jobs go on; the sweep exits 1 at the end."""
+    """Print a UserError as one clear line and exit 2, instead of a traceback; any other exception
+    (a bug) as one line naming a log file that holds its traceback, exit 1. In a multirun that job
+    ends there (its result.json says why) and the other jobs go on; the sweep exits 1 at the end."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -59,11 +72,35 @@ def report_user_errors(main):
             cause = err
             while cause is not None and not isinstance(cause, UserError):
                 cause = cause.__cause__  # Hydra's instantiate wraps what the target raised
-            if cause is None:
-                raise
-            logging.getLogger(main.__module__).error("error: %s", cause)
+            log = logging.getLogger(main.__module__)
+            if cause is not None:
+                log.error("error: %s", cause)
+                code = 2
+            else:
+                log.error(
+                    "internal error: %s: %s; not caused by your input, please report it with the full "
+                    "traceback in %s", type(err).__name__, one_line(err), write_crash_log(main.__module__),
+                )  # fmt: skip
+                code = 1
             if in_multirun():
                 return None
-            sys.exit(2)
+            sys.exit(code)
 
     return wrapper
+
+
+def crash_log_dir() -> Path:
+    """``$XDG_CACHE_HOME/coco-multilabel/logs`` (``~/.cache/...``): found again after the terminal closes."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "coco-multilabel" / "logs"
+
+
+def write_crash_log(entry_point: str) -> str:
+    """The traceback being handled, in a new file; its path (or the traceback itself when no file
+    can be written: the disk may be full)."""
+    text = f"{' '.join(sys.argv)}\n\n{traceback.format_exc()}"
+    name = f"{entry_point.rpartition('.')[2]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        return str(write_text_atomic(crash_log_dir() / name, text))
+    except Exception:
+        return f"(no log file could be written)\n{text}"

@@ -26,6 +26,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
@@ -38,6 +39,20 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``os.umask`` sets it
+    for a moment, which another thread creating a file could meet)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

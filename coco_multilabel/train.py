@@ -31,10 +31,9 @@ from coco_multilabel.training.precision import use_tensor_cores
 from coco_multilabel.training.schedule import phases_from_config
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit a model as ``cfg`` says; return the run's summary (best checkpoint, score, val metrics)."""
-    budget = RunBudget(parse_duration(cfg.trainer.get("max_time")))  # the whole run, from now
-    L.seed_everything(cfg.seed, workers=True)
+def check_train(cfg: DictConfig) -> tuple[list, dict]:
+    """Everything that can refuse the run, before it writes anything (a refused resume of a finished
+    run must leave its result.json as it was); returns the phases and the backbone config."""
     check_data_root(cfg.data.root)
     phases = phases_from_config(cfg.schedule, cfg.trainer.get("max_epochs"))
     check_options(cfg, phases)
@@ -42,6 +41,14 @@ def train(cfg: DictConfig) -> dict:
     backbone_cfg = without_downloads(backbone_cfg) if cfg.offline else backbone_cfg
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, backbone_cfg, cfg.model.get("num_classes", NUM_CLASSES))
+    return phases, backbone_cfg
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit a model as ``cfg`` says; return the run's summary (best checkpoint, score, val metrics)."""
+    budget = RunBudget(parse_duration(cfg.trainer.get("max_time")))  # the whole run, from now
+    L.seed_everything(cfg.seed, workers=True)
+    phases, backbone_cfg = check_train(cfg)
     datamodule = instantiate(cfg.data, split_file=str(Path(cfg.run_dir) / "split.json"), _convert_="all")
     model = MultiLabelClassifier(
         backbone=backbone_cfg, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), loss=cfg.get("loss"),
@@ -72,7 +79,7 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
-    return run_job(cfg, train)  # the best score: the value a Hydra sweeper optimises
+    return run_job(cfg, train, check=check_train)  # the best score: the value a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

@@ -99,3 +99,40 @@ def test_cpu_and_slurm_jobs_bypass_the_pool(multirun_cfg, monkeypatch):
 
 def test_the_parallel_launcher_runs_one_job_per_device(multirun_cfg):
     assert multirun_cfg("device_pool.ids=[0,1,2]").hydra.launcher.n_jobs == 3
+
+
+def test_the_lock_folder_is_private_and_planted_links_are_not_followed(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from coco_multilabel.errors import UserError
+    from coco_multilabel.sweeps.devices import default_lock_dir
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_lock_dir() == str(tmp_path / "coco-multilabel-devices")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_lock_dir().startswith(str(Path.home() / ".cache" / "coco-multilabel"))
+    locks = tmp_path / "locks"
+    with acquire_device(["0"], locks):
+        pass
+    assert stat.S_IMODE(os.stat(locks).st_mode) == 0o700
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (locks / "device-1.lock").symlink_to(victim)  # O_TRUNC through it would empty the victim
+    with pytest.raises(UserError, match="device-1.lock is a symlink; not followed"):
+        with acquire_device(["1"], locks):
+            pass
+    assert victim.read_text() == "keep me"
+    elsewhere = tmp_path / "someone-elses"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UserError, match="is a symlink or not a folder"):
+        with acquire_device(["0"], tmp_path / "link"):
+            pass
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UserError, match="writable by others .mode 777.: chmod 700"):
+        with acquire_device(["0"], shared):
+            pass
+    assert not list(shared.iterdir()) and not list(elsewhere.iterdir())

@@ -68,3 +68,20 @@ def test_a_full_disk_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeypatc
         write_text_atomic(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["split.json"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_mode_the_umask_gives_a_new_file(tmp_path, umask, mode):
+    """Not mkstemp's 0600: a report or a submission others on the machine may read."""
+    previous = os.umask(umask)
+    try:
+        from coco_multilabel.io import current_umask
+
+        assert current_umask() == umask
+        text = write_text_atomic(tmp_path / "report.html", "<html></html>")
+        ckpt = tmp_path / "checkpoints" / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(2)}, ckpt)
+    finally:
+        os.umask(previous)
+    assert text.stat().st_mode & 0o777 == mode
+    assert ckpt.stat().st_mode & 0o777 == mode

@@ -69,3 +69,19 @@ def test_report_of_a_sweep_compares_its_jobs(tensorboard_run, tmp_path):
     assert (sweep / "report" / "comparison.png").is_file() and (sweep / "report" / "curves.png").is_file()
     assert "shared overrides: seed=0" in page and "optimizer.lr=0.01" in page and "failed" in page
     assert f"make report RUN={sweep / '1'}" in page
+
+
+def test_every_name_the_report_embeds_is_escaped(tmp_path):
+    from coco_multilabel.reporting.report import render, sweep_sections
+
+    job = '<img src=x onerror="alert(1)">'
+    (tmp_path / job / "report").mkdir(parents=True)
+    (tmp_path / job / "report" / "report.html").write_text("")
+    rows = [
+        {"job": job, "status": "failed", "overrides": ["data.root=<script>alert(2)</script>"]},
+        {"job": "<b>other</b>", "status": "failed", "overrides": []},
+    ]
+    page = render("sweep <i>", sweep_sections(tmp_path, rows))
+    assert "<script>" not in page and "<img src=x" not in page and "<b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;" in page and "&lt;b&gt;other&lt;/b&gt;" in page
+    assert 'href="../%3Cimg%20src%3Dx%20onerror%3D%22alert%281%29%22%3E/report/report.html"' in page

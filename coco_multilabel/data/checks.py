@@ -39,6 +39,10 @@ PROBLEMS = {
     "wrong_extension": ("error", "JPEG files without a .jpg extension (training does not see them)"),
     "unreadable": ("error", "unreadable images"),
     "truncated": ("error", "truncated images"),
+    "too_large": (
+        "error",
+        "images too large to decode (Pillow's decompression-bomb guard): shrink or delete them",
+    ),
     **{kind: ("error", what.format(last=LAST)) for kind, what in LABEL_ERRORS.items()},
     **{kind: ("warning", what) for kind, what in LABEL_WARNINGS.items()},
     "nested_folder": ("warning", "folders inside data folders (ignored; unzipped one level too deep?)"),
@@ -106,7 +110,10 @@ def check_data(root: str | Path, full: bool = False, progress: bool = False) -> 
         for path in paths:
             name = f"{folder}/{path.name}"
             if path.is_dir():
-                findings.add("nested_folder", f"{name}/")
+                named_like_data = path.suffix in IMAGE_SUFFIXES or path.suffix == ".cls"
+                findings.add(
+                    "nested_folder", f"{name}/" + (" (named like a data file: rename it)" * named_like_data)
+                )
             elif folder.startswith("images") and path.suffix in IMAGE_SUFFIXES:
                 images.setdefault(folder, []).append(path)
             elif folder.startswith("labels") and path.suffix == ".cls":
@@ -118,7 +125,7 @@ def check_data(root: str | Path, full: bool = False, progress: bool = False) -> 
     check_images(root, [p for paths in images.values() for p in paths], full, progress, findings)
     if "images/train" in entries and "labels/train" in entries:
         image_stems = {p.stem for p in images.get("images/train", [])}
-        label_stems = {p.stem for p in entries["labels/train"] if p.suffix == ".cls"}
+        label_stems = {p.stem for p in entries["labels/train"] if p.suffix == ".cls" and not p.is_dir()}
         for stem in sorted(image_stems - label_stems):
             findings.add("image_without_label", f"images/train/{stem}.jpg (no labels/train/{stem}.cls)")
         for stem in sorted(label_stems - image_stems):
@@ -137,8 +144,9 @@ def check_label_file(path: Path, name: str, findings: Findings) -> None:
         return
     try:
         report = inspect_label_text(decode_label_bytes(data, name))
-    except UserError:
-        findings.add("not_utf8", name)
+    except UserError as err:  # "<name> is UTF-16 text ...; run check-data": what and the fix
+        what = str(err).removeprefix(f"{name} is ").partition("; run `make")[0]
+        findings.add("not_utf8", f"{name} ({what})")
         return
     first: dict[str, str] = {}
     for issue in report.issues:  # each file once per problem, at its first occurrence

@@ -181,7 +181,7 @@ def labelled_stems(root: str | Path, label_stems=None, names: dict[str, str] | N
         raise UserError(f"label folder {label_dir} does not exist; data.root must hold labels/train")
     if label_stems is None:
         with os.scandir(label_dir) as entries:
-            label_stems = [e.name[:-4] for e in entries if e.name.endswith(".cls")]
+            label_stems = [e.name[:-4] for e in entries if e.name.endswith(".cls") and not e.is_dir()]
     labelled = set(map(str, label_stems))
     images = list(names if names is not None else image_names(root / "images" / "train"))
     stems = [stem for stem in images if stem in labelled]

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
+from coco_multilabel.io import one_line
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
@@ -48,11 +49,31 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     """
     try:
         with Image.open(path) as image:
+            check_pixel_count(image, path)
             if min_side:
                 image.draft(image.mode, (min_side, min_side))  # keep the mode: to_rgb converts it
             return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as err:
+        raise too_large(path, str(err)) from err
+    except IsADirectoryError as err:
+        raise UserError(f"image {path} is a folder, not an image; rename or remove it") from err
     except DECODE_ERRORS as err:
-        raise UserError(f"cannot read image {path}: {err}; {CHECK_DATA_HINT}") from err
+        raise UserError(f"cannot read image {path}: {one_line(err)}; {CHECK_DATA_HINT}") from err
+
+
+def check_pixel_count(image: Image.Image, path) -> None:
+    """Pillow refuses images over twice ``MAX_IMAGE_PIXELS`` and only warns above it, then decodes
+    for seconds into gigabytes: both are refused here, by size, before any pixel is decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise too_large(path, f"{image.width} x {image.height} pixels, more than Pillow's {limit}")
+
+
+def too_large(path, detail: str) -> UserError:
+    return UserError(
+        f"image {path} is too large to decode safely ({detail.split('. ')[0].rstrip('.')}; Pillow's "
+        "decompression-bomb guard); shrink it (e.g. mogrify -resize '4096x4096>' FILE) or delete it"
+    )
 
 
 def image_problem(path: str | Path, full: bool = False) -> str | None:
@@ -79,8 +100,23 @@ def image_problem(path: str | Path, full: bool = False) -> str | None:
         return "truncated"
     try:
         with Image.open(path) as image:
+            check_pixel_count(image, path)
             if full:
                 image.load()
+                if image.format == "JPEG" and _grey_filled_end(image):
+                    return "truncated"
+    except (UserError, Image.DecompressionBombError):
+        return "too_large"
     except DECODE_ERRORS as err:
         return "truncated" if "truncated" in str(err) else "unreadable"
     return None
+
+
+def _grey_filled_end(image: Image.Image) -> bool:
+    """A JPEG cut short and closed with an end marker decodes without error: the decoder fills the
+    blocks it never got with zero coefficients, flat mid-grey. The last block decoded is the
+    bottom-right one, so a file missing any data ends in an 8 x 8 corner of exactly 128."""
+    if image.mode not in ("RGB", "L", "CMYK") or min(image.size) < 8:
+        return False
+    corner = np.asarray(image.crop((image.width - 8, image.height - 8, image.width, image.height)))
+    return bool((corner == (0 if image.mode == "CMYK" else 128)).all())

@@ -84,13 +84,25 @@ def inspect_label_text(text: str, num_classes: int = NUM_CLASSES) -> LabelReport
 
 
 def decode_label_bytes(data: bytes, source: str = "<bytes>") -> str:
-    """UTF-8 text, keeping CRLF visible (``Path.read_text`` would translate it away)."""
+    """UTF-8 text, keeping CRLF visible (``Path.read_text`` would translate it away); any other
+    encoding is a UserError that says which one it looks like and how to convert the file."""
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(
-            f"{source} is not UTF-8 text ({err.reason} at byte {err.start}); {CHECK_DATA_HINT}"
-        ) from None
+        raise UserError(f"{source} is {encoding_problem(data, err)}; {CHECK_DATA_HINT}") from None
+    if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with NULs between digits
+        raise UserError(f"{source} is {encoding_problem(data)}; {CHECK_DATA_HINT}")
+    return text
+
+
+def encoding_problem(data: bytes, err: UnicodeDecodeError | None = None) -> str:
+    """What a label file that is not UTF-8 looks like, with the command that converts it."""
+    if err is None or data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data:
+        return "UTF-16 text, not UTF-8 (as Notepad or PowerShell save it); convert: iconv -f UTF-16 -t UTF-8"
+    return (
+        f"not UTF-8 text ({err.reason} at byte {err.start}; Latin-1 or another 8-bit encoding?); "
+        "a label file holds only digits: re-save it as UTF-8 (iconv -f LATIN1 -t UTF-8)"
+    )
 
 
 def parse_label_text(text: str, source: str = "<text>", num_classes: int = NUM_CLASSES) -> list[int]:
@@ -111,6 +123,8 @@ def parse_label_text(text: str, source: str = "<text>", num_classes: int = NUM_C
 
 def read_label_file(path: str | Path, num_classes: int = NUM_CLASSES) -> list[int]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"label file {path} is a folder; remove or rename it ({CHECK_DATA_HINT})")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -126,7 +140,7 @@ def read_label_dir(
     if not label_dir.is_dir():
         raise UserError(f"label folder {label_dir} does not exist")
     if stems is None:
-        stems = sorted(p.stem for p in label_dir.glob("*.cls"))
+        stems = sorted(p.stem for p in label_dir.glob("*.cls") if p.is_file())  # a folder x.cls: not one
     return {stem: read_label_file(label_dir / f"{stem}.cls", num_classes) for stem in stems}
 
 

@@ -61,7 +61,7 @@ def check_model_configs(hparams: dict, source: str) -> None:
     """
     for slot in SLOTS:
         cfg = hparams.get(slot)
-        if cfg is None and slot not in ("backbone", "optimizer"):
+        if not cfg and slot not in ("backbone", "optimizer"):  # scheduler=none is an empty dict
             continue
         if not isinstance(cfg, dict) or "_target_" not in cfg:
             raise UserError(f"{source}: its {slot} config is not a dict with a _target_ ({cfg!r:.80})")

@@ -33,10 +33,20 @@ log = logging.getLogger(__name__)
 RESULT = "result.json"
 
 
-def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict]) -> float | None:
-    """Run ``train(cfg)`` and record it in ``result.json``; return the best score (the objective)."""
+def run_job(
+    cfg: DictConfig, train: Callable[[DictConfig], dict], check: Callable | None = None
+) -> float | None:
+    """Run ``train(cfg)`` and record it in ``result.json``; return the best score (the objective).
+    ``check(cfg)`` runs first: a command it refuses leaves an existing record untouched."""
     run_dir = Path(cfg.run_dir)
     record = {"status": "running", "overrides": task_overrides()}
+    try:
+        if check is not None:
+            check(cfg)
+    except UserError as err:
+        if not (run_dir / RESULT).exists():
+            _write(run_dir, {**record, "status": "failed", "error": f"UserError: {err}"})
+        raise
     if in_multirun():
         check_one_device(cfg, launcher_target())
         previous = check_job_folder(run_dir, record["overrides"])

@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from coco_multilabel.cli import report_user_errors
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.sweeps.job import read_result
@@ -152,14 +153,12 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.exit("usage: python -m coco_multilabel.sweeps.summary SWEEP_DIR   (make sweep-report DIR=...)")
-    try:
-        path = write_summary(args[0])
-    except UserError as err:
-        sys.exit(f"error: {err}")
+        raise UserError("usage: python -m coco_multilabel.sweeps.summary SWEEP_DIR (make sweep-report DIR=)")
+    path = write_summary(args[0])
     print(path.read_text(), end="")
     print(f"written: {path} and {path.with_suffix('.csv')}")
 
