@@ -61,7 +61,7 @@ submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt D
 	$(PY) -m coco_multilabel.submit "ckpt_path='$(CKPT)'" data.root=$(DATA) output=$(OUT) $(if $(TOP),submit.top=$(TOP)) $(ARGS)
 
 predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]
-	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(ARGS)
+	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(if $(TOP),--top-jobs $(TOP)) $(ARGS)
 
 evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt) [ARGS=only_predicted=true]
 	@$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
