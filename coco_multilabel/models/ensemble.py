@@ -141,8 +141,8 @@ def split_kind(members: list[Member]) -> str:
     raise UserError(
         f"these models were trained on different splits, so no val images are held out by all of "
         f"them to tune the ensemble's thresholds on: {names}. Ensemble models of one split (a sweep "
-        "with one seed and data.val_fraction), or the folds of cross-validations that share a folds "
-        "file (make cv ... ARGS=data.folds_file=<first cv>/folds.json)"
+        "with one seed and data.val_fraction), or the folds of cross-validations with the same data, "
+        "K and seed (make cv)"
     )
 
 
