@@ -130,7 +130,10 @@ def oof_table(cv_dir: Path, seed: int = 0) -> dict:
 
 def markdown(record: dict) -> str:
     objective = record["objective"]
-    lines = [f"# Cross-validation: {len(record['folds'])} folds, {record['images']} out-of-fold images", ""]
+    lines = [
+        f"# Cross-validation: {len(record['folds'])} folds done, {record['images']} out-of-fold images",
+        "",
+    ]
     if record["unfinished"]:
         lines += [f"**Not finished**: {'; '.join(record['unfinished'])}. The table covers the others.", ""]
     lines += [f"| fold | val images | best epoch | {objective} cross-fitted on its val | wall time (s) |",
@@ -166,6 +169,10 @@ def markdown(record: dict) -> str:
         "",
         f"Submit the fold ensemble with these thresholds: `make submit CKPT={record['cv_dir']} DATA=...`",
     ]
+    if refitted := record.get("refit"):
+        lines += ["", f"Refit on all {record['images']} images for {refitted['epochs']} epochs "
+                  f"({_num(refitted['wall_s'])} s), with these thresholds: "
+                  f"`make submit CKPT={refitted['checkpoint']} DATA=...`"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -88,3 +88,4 @@ def test_a_killed_cv_resumes_its_unfinished_fold_and_its_oof_rows_come_from_held
         refit["checkpoint"], str(tiny_root), str(tmp_path / "refit.json"), num_workers=0, accelerator="cpu"
     )
     assert len(json.loads(out.read_text())) == 8
+    assert f"make submit CKPT={refit['checkpoint']}" in (cv_dir / "cv.md").read_text()
