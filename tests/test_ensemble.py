@@ -128,3 +128,7 @@ def test_predict_shows_what_the_ensemble_submits(runs, tiny_root, tmp_path):
     for r in results:  # submit adds the most likely class where none passes its threshold
         labels = [e["class"] for e in r["labels"]] or [r["top"][0]["class"]]
         assert sorted(labels) == submitted[Path(r["image"]).stem]
+
+
+def test_a_run_folder_names_its_best_checkpoint(runs):
+    assert member_paths(str(runs["sweep"] / "0")) == [runs["sweep"] / "0" / "checkpoints" / "best.ckpt"]
