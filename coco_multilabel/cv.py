@@ -61,7 +61,8 @@ def refit(data: str, k: int, cv_dir: Path, overrides: list[str], record: dict) -
     """One model on every labelled image for the mean of the folds' best epoch counts, given the
     out-of-fold thresholds: ``DIR/refit/checkpoints/refit.ckpt``. Skipped when done, resumed when not."""
     run_dir = cv_dir / "refit"
-    epochs = max(1, round(sum(f["best_epoch"] + 1 for f in record["folds"]) / len(record["folds"])))
+    chosen = [f["epochs"] if f["best_epoch"] is None else f["best_epoch"] + 1 for f in record["folds"]]
+    epochs = max(1, round(sum(chosen) / len(chosen)))
     previous = read_result(run_dir)
     if not (previous and previous.get("status") == "done"):
         last = run_dir / "checkpoints" / "last.ckpt"
@@ -106,6 +107,10 @@ def fold_jobs(cv_dir: Path) -> tuple[list, list[str]]:
 
 def oof_table(cv_dir: Path, seed: int = 0) -> dict:
     """Write ``cv.json``, ``cv.md`` and ``oof.probs.pt`` for the finished folds of ``cv_dir``."""
+    if not (cv_dir / "folds.json").is_file():
+        raise UserError(
+            f"{cv_dir} is not a cross-validation folder (no folds.json); make cv DIR=... writes one"
+        )
     members, unfinished = fold_jobs(cv_dir)
     if not members:
         raise UserError(f"{cv_dir} has no finished fold ({'; '.join(unfinished) or 'no job folders'})")
