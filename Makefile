@@ -48,8 +48,8 @@ tensorboard: install  ## make tensorboard [ARGS="--port 6007 --bind_all"]: every
 sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=resnet50" (a grid of conf/sweep/)
 	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
 
-cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [ARGS=...]: K folds, then DIR/cv.md (out-of-fold)
-	$(PY) -m coco_multilabel.cv --data $(DATA) --folds $(K) $(if $(DIR),--dir $(DIR)) $(ARGS)
+cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [REFIT=true] [ARGS=...]: K folds, then DIR/cv.md (out-of-fold)
+	$(PY) -m coco_multilabel.cv --data $(DATA) --folds $(K) $(if $(DIR),--dir $(DIR)) $(if $(filter true,$(REFIT)),--refit) $(ARGS)
 
 sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
 	@$(PY) -m coco_multilabel.sweeps.summary $(DIR)
@@ -61,7 +61,7 @@ submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt D
 	$(PY) -m coco_multilabel.submit "ckpt_path='$(CKPT)'" data.root=$(DATA) output=$(OUT) $(if $(TOP),submit.top=$(TOP)) $(ARGS)
 
 predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]
-	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(ARGS)
+	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(if $(TOP),--top-jobs $(TOP)) $(ARGS)
 
 evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt) [ARGS=only_predicted=true]
 	@$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)

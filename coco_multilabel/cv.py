@@ -6,12 +6,15 @@ job per device, SLURM with ``hydra/launcher=slurm``, finished folds skipped and 
 resumed when the same command runs again), then writes the out-of-fold table ``cv.md`` / ``cv.json``
 and ``oof.probs.pt``: every labelled image predicted by the fold model that did not train on it,
 the metric suite on all of them, thresholds tuned on them (global and per class) and cross-fitted,
-and the rarest classes' F1. ``make submit CKPT=CV_DIR`` then averages the fold models.
+and the rarest classes' F1. ``make submit CKPT=CV_DIR`` then averages the fold models. ``--refit``
+also trains one model on every labelled image for the epochs the folds chose, with the out-of-fold
+thresholds (``CV_DIR/refit/checkpoints/refit.ckpt``).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import subprocess
@@ -29,7 +32,7 @@ from coco_multilabel.data.labels import read_label_dir
 from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import save_probabilities
 from coco_multilabel.errors import UserError
-from coco_multilabel.io import write_json_atomic, write_text_atomic
+from coco_multilabel.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from coco_multilabel.models.ensemble import check_same_folds_file, read_member
 from coco_multilabel.sweeps.job import read_result
 
@@ -54,6 +57,38 @@ def run_folds(data: str, k: int, cv_dir: Path, overrides: list[str]) -> int:
     return subprocess.run(command, env=os.environ.copy()).returncode
 
 
+def refit(data: str, k: int, cv_dir: Path, overrides: list[str], record: dict) -> int:
+    """One model on every labelled image for the mean of the folds' best epoch counts, given the
+    out-of-fold thresholds: ``DIR/refit/checkpoints/refit.ckpt``. Skipped when done, resumed when not."""
+    run_dir = cv_dir / "refit"
+    chosen = [f["epochs"] if f["best_epoch"] is None else f["best_epoch"] + 1 for f in record["folds"]]
+    epochs = max(1, round(sum(chosen) / len(chosen)))
+    previous = read_result(run_dir)
+    if not (previous and previous.get("status") == "done"):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        command = [
+            sys.executable, "-m", "coco_multilabel.train", f"data.root={data}", f"data.folds={k}",
+            "data.fold=-1", f"data.folds_file={cv_dir / 'folds.json'}", f"hydra.run.dir={run_dir}",
+            *overrides,
+            f"trainer.max_epochs={epochs}", "trainer.limit_val_batches=0",  # no val: every image trains
+            *([f"resume={run_dir}"] if last.is_file() else []),
+        ]  # fmt: skip
+        log.info("refit: %d epochs on all %d images in %s", epochs, record["images"], run_dir)
+        if status := subprocess.run(command, env=os.environ.copy()).returncode:
+            return status
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint["state_dict"]["thresholds"] = torch.tensor(record["thresholds"])
+    checkpoint["threshold_tuning"] = record["tuning"]
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    path = write_bytes_atomic(run_dir / "checkpoints" / "refit.ckpt", buffer.getbuffer())
+    result = read_result(run_dir) or {}
+    record["refit"] = {"checkpoint": str(path), "epochs": epochs, "wall_s": result.get("wall_s")}
+    write_json_atomic(cv_dir / "cv.json", record, indent=1)
+    write_text_atomic(cv_dir / "cv.md", markdown(record))
+    return 0
+
+
 def fold_jobs(cv_dir: Path) -> tuple[list, list[str]]:
     """The finished folds' best checkpoints as ensemble members, and what the others are."""
     members, unfinished = [], []
@@ -72,6 +107,10 @@ def fold_jobs(cv_dir: Path) -> tuple[list, list[str]]:
 
 def oof_table(cv_dir: Path, seed: int = 0) -> dict:
     """Write ``cv.json``, ``cv.md`` and ``oof.probs.pt`` for the finished folds of ``cv_dir``."""
+    if not (cv_dir / "folds.json").is_file():
+        raise UserError(
+            f"{cv_dir} is not a cross-validation folder (no folds.json); make cv DIR=... writes one"
+        )
     members, unfinished = fold_jobs(cv_dir)
     if not members:
         raise UserError(f"{cv_dir} has no finished fold ({'; '.join(unfinished) or 'no job folders'})")
@@ -96,7 +135,10 @@ def oof_table(cv_dir: Path, seed: int = 0) -> dict:
 
 def markdown(record: dict) -> str:
     objective = record["objective"]
-    lines = [f"# Cross-validation: {len(record['folds'])} folds, {record['images']} out-of-fold images", ""]
+    lines = [
+        f"# Cross-validation: {len(record['folds'])} folds done, {record['images']} out-of-fold images",
+        "",
+    ]
     if record["unfinished"]:
         lines += [f"**Not finished**: {'; '.join(record['unfinished'])}. The table covers the others.", ""]
     lines += [f"| fold | val images | best epoch | {objective} cross-fitted on its val | wall time (s) |",
@@ -132,6 +174,10 @@ def markdown(record: dict) -> str:
         "",
         f"Submit the fold ensemble with these thresholds: `make submit CKPT={record['cv_dir']} DATA=...`",
     ]
+    if refitted := record.get("refit"):
+        lines += ["", f"Refit on all {record['images']} images for {refitted['epochs']} epochs "
+                  f"({_num(refitted['wall_s'])} s), with these thresholds: "
+                  f"`make submit CKPT={refitted['checkpoint']} DATA=...`"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=5, help="K, the number of folds (default 5)")
     parser.add_argument("--dir", help="the cross-validation folder; the same again resumes it "
                         "(default: a new outputs/cv/<date>_<time>)")  # fmt: skip
+    parser.add_argument("--refit", action="store_true", help="then one model on all images, OOF thresholds")
     parser.add_argument(
         "--table-only", action="store_true", help="only (re)write the table of finished folds"
     )
@@ -158,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cross-validation folder: {cv_dir} (run again with DIR={cv_dir} to resume)", file=sys.stderr)
         status = run_folds(args.data, args.folds, cv_dir, args.overrides)
     record = oof_table(cv_dir)
+    if args.refit and not args.table_only:
+        if status or record["unfinished"]:
+            raise UserError(f"refit needs every fold done first; run make cv DIR={cv_dir} again")
+        status = refit(args.data, args.folds, cv_dir, args.overrides, record)
     print((cv_dir / "cv.md").read_text(), end="")
     print(f"written: {cv_dir / 'cv.md'}, cv.json, oof.probs.pt")
     if status or record["unfinished"]:

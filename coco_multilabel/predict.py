@@ -18,7 +18,13 @@ import torch
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.cli import report_user_errors
 from coco_multilabel.errors import UserError
-from coco_multilabel.models.checkpoints import load_model, read_checkpoint
+from coco_multilabel.models.checkpoints import load_model
+from coco_multilabel.models.ensemble import (
+    ensemble_probabilities,
+    ensemble_thresholds,
+    member_paths,
+    read_member,
+)
 from coco_multilabel.models.inference import predict_files
 
 log = logging.getLogger(__name__)
@@ -40,20 +46,31 @@ def image_files(target: str | Path) -> list[Path]:
 
 
 def predict(
-    ckpt_path: str | Path, target: str | Path, threshold: float | None = None, top: int = 5, **inference
+    ckpt_path: str | Path,
+    target: str | Path,
+    threshold: float | None = None,
+    top: int = 5,
+    top_jobs: int | None = None,
+    **inference,
 ) -> list[dict]:
     """Per image: ``labels`` above threshold and the ``top`` classes, each ``{class, name, prob}``.
+    ``ckpt_path``: a checkpoint or an ensemble, as for submit (models/ensemble.py).
     ``inference``: the options of :func:`predict_files`."""
-    checkpoint = read_checkpoint(ckpt_path)
+    members = [read_member(path) for path in member_paths(ckpt_path, top_jobs)]
     files = image_files(target)
-    model = load_model(checkpoint, source=ckpt_path)
-    thresholds = model.thresholds.detach().float().cpu()  # beside the probabilities, wherever the model runs
+    inference = {"progress_bar": False, "num_workers": 0 if len(files) < 64 else None, **inference}
+    if len(members) > 1:
+        thresholds, _ = ensemble_thresholds(members)
+        probs, _ = ensemble_probabilities(members, files, **inference)
+    else:
+        checkpoint = members[0].checkpoint
+        model = load_model(checkpoint, source=ckpt_path)
+        if "threshold_tuning" not in checkpoint and threshold is None:
+            log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
+        thresholds = model.thresholds.detach().float().cpu()  # 0.5 unless tuned; beside the probabilities
+        probs, _ = predict_files(model, checkpoint, files, **inference)  # with flips when validated so
     if threshold is not None:
         thresholds = torch.full_like(thresholds, threshold)
-    elif "threshold_tuning" not in checkpoint:
-        log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
-    inference = {"progress_bar": False, "num_workers": 0 if len(files) < 64 else None, **inference}
-    probs, _ = predict_files(model, checkpoint, files, **inference)  # with flips when validated so
     names = COCO_CLASSES[: len(thresholds)]
     results = []
     for file, p in zip(files, probs, strict=True):
@@ -86,14 +103,16 @@ def format_predictions(results: list[dict]) -> str:
 @report_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="e.g. outputs/train/<run>/checkpoints/best.ckpt")
+    parser.add_argument("checkpoint", help="e.g. outputs/train/<run>/checkpoints/best.ckpt; or an ensemble: "
+                        "a,b, a make cv folder, a sweep folder with --top-jobs")  # fmt: skip
     parser.add_argument("image", help="an image file, or a folder of images")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--threshold", type=float, help="one threshold for every class (default: tuned)")
     parser.add_argument("--top", type=int, default=5, help="how many most likely classes to list")
+    parser.add_argument("--top-jobs", type=int, help="a sweep folder: ensemble its n best jobs")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
-    results = predict(args.checkpoint, args.image, args.threshold, args.top)
+    results = predict(args.checkpoint, args.image, args.threshold, args.top, args.top_jobs)
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
 
 

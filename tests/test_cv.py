@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from coco_multilabel.data.split import read_split
 from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
 from coco_multilabel.models.inference import predict_files
+from coco_multilabel.submit import submit
 from tests.conftest import tiny
 from tests.helpers import ROOT
 
@@ -46,7 +48,7 @@ def test_a_killed_cv_resumes_its_unfinished_fold_and_its_oof_rows_come_from_held
     assert json.loads((cv_dir / "2" / "result.json").read_text())["status"] == "running"
     folds = (cv_dir / "folds.json").read_text()
 
-    second = cv(*args, *kill, cwd=tmp_path)
+    second = cv("--refit", *args, *kill, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert [json.loads((cv_dir / str(j) / "result.json").read_text()) for j in (0, 1)] == done  # skipped
     resumed = json.loads((cv_dir / "2" / "result.json").read_text())
@@ -71,3 +73,19 @@ def test_a_killed_cv_resumes_its_unfinished_fold_and_its_oof_rows_come_from_held
         expected = oof["probs"][[rows[s] for s in split["val"]]]
         torch.testing.assert_close(probs, expected, atol=1e-4, rtol=1e-3)
     assert sorted(rows) == sorted(s for f in json.loads(folds)["folds"] for s in f)
+
+    refit = record["refit"]
+    assert refit["epochs"] == round(sum(f["best_epoch"] + 1 for f in record["folds"]) / 3)
+    split = read_split(cv_dir / "refit" / "split.json")
+    assert sorted(split["train"]) == sorted(rows) and split["val"] == []
+    checkpoint = read_checkpoint(refit["checkpoint"])
+    assert checkpoint["state_dict"]["thresholds"].tolist() == pytest.approx(record["thresholds"])
+    assert (
+        checkpoint["threshold_tuning"]["tuned_on"] == "out-of-fold"
+        and checkpoint["epoch"] == refit["epochs"] - 1
+    )
+    out = submit(
+        refit["checkpoint"], str(tiny_root), str(tmp_path / "refit.json"), num_workers=0, accelerator="cpu"
+    )
+    assert len(json.loads(out.read_text())) == 8
+    assert f"make submit CKPT={refit['checkpoint']}" in (cv_dir / "cv.md").read_text()

@@ -2,6 +2,7 @@
 none of its members trained on, and members of different splits refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,18 @@ def test_a_sweep_folder_gives_its_top_jobs_by_the_cross_fitted_objective(runs):
         member_paths(str(runs["sweep"]))
     with pytest.raises(UserError, match="fewer than TOP=3"):
         member_paths(str(runs["sweep"]), top=3)
+
+
+def test_predict_shows_what_the_ensemble_submits(runs, tiny_root, tmp_path):
+    from coco_multilabel.predict import predict
+
+    out = submit(str(runs["cv"]), str(tiny_root), str(tmp_path / "cv.json"), **CPU)
+    results = predict(runs["cv"], tiny_root / "images" / "test", accelerator="cpu")
+    submitted = json.loads(out.read_text())
+    for r in results:  # submit adds the most likely class where none passes its threshold
+        labels = [e["class"] for e in r["labels"]] or [r["top"][0]["class"]]
+        assert sorted(labels) == submitted[Path(r["image"]).stem]
+
+
+def test_a_run_folder_names_its_best_checkpoint(runs):
+    assert member_paths(str(runs["sweep"] / "0")) == [runs["sweep"] / "0" / "checkpoints" / "best.ckpt"]

@@ -120,3 +120,38 @@ def test_ablation_table_compares_each_row_with_the_plain_recipe_at_0_5(tmp_path)
     text = write_table(args, rows, tmp_path / "ablation.md").read_text()
     assert "| plain | **0.250** | 0.250 | 0.300 | 0.400 | 1.00x | 100 |" in text
     assert "| default recipe | **0.500** | 0.400 | 0.500 | 0.600 | 2.00x | 90 |" in text
+
+
+def test_ablation_with_folds_scores_a_row_out_of_fold_over_every_labelled_image(
+    tiny_root, tmp_path, monkeypatch
+):
+    from argparse import Namespace
+
+    from coco_multilabel.bench import ablation
+    from coco_multilabel.data.datamodule import CocoDataModule
+
+    calls = []
+
+    def fake_recipe(root, minutes, run_dir, *overrides):
+        """The fold's split as training makes it, and a checkpoint predicting its val images perfectly."""
+        options = dict(o.split("=", 1) for o in overrides)
+        calls.append(options)
+        dm = CocoDataModule(root=root, num_workers=0, folds=int(options["data.folds"]),
+                            fold=int(options["data.fold"]), folds_file=options["data.folds_file"],
+                            split_file=str(run_dir / "split.json"))  # fmt: skip
+        dm.setup("fit")
+        targets = torch.stack(list(dm.val_images.targets))
+        predictions = {"stems": dm.val_images.stems, "probs": targets, "targets": targets}
+        checkpoint = {"hyper_parameters": {"backbone": {"name": "fake"}}, "val_predictions": predictions,
+                      "threshold_tuning": {"objective": "macro_f1", "mode": "global"}}  # fmt: skip
+        (run_dir / "checkpoints").mkdir(parents=True)
+        torch.save(checkpoint, run_dir / "checkpoints" / "best.ckpt")
+        return {"summary": {"best_checkpoint": str(run_dir / "checkpoints" / "best.ckpt")}, "wall_s": 10.0}
+
+    monkeypatch.setattr(ablation, "recipe", fake_recipe)
+    args = Namespace(data=str(tiny_root), budget_minutes=1.0, folds=3)
+    result = ablation.run_folds(args, tmp_path, "row", ["model.head=csra"])
+    assert [c["data.fold"] for c in calls] == ["0", "1", "2"]
+    assert {c["data.folds_file"] for c in calls} == {str(tmp_path / "folds.json")}
+    assert all(c["model.head"] == "csra" for c in calls)
+    assert result["wall_s"] == 30.0 and result["best"]["map"] == 1.0

@@ -5,6 +5,8 @@ Every row trains the embedded EfficientNet-Lite0 on the same split of a real dat
 at 0.5 and cross-fitted (thresholds tuned on one half of val, scored on the other), mAP, wall time.
 The plain recipe (``experiment=plain``) is full fine-tuning at 224 px with BCE, Adam and threshold
 0.5; each technique row adds one thing to it. Prints the table and writes ``outputs/bench/ablation.md``.
+``--folds K`` scores every row out of fold instead (K runs a row, on shared folds): recipe choices
+then rest on every labelled image rather than one val split.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 from coco_multilabel.bench.speed import PLAIN as PLAIN_RECIPE
 from coco_multilabel.bench.speed import recipe
 from coco_multilabel.data.labels import read_label_dir, to_multi_hot
+from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.decisions.thresholds import evaluate_thresholds
 from coco_multilabel.io import write_text_atomic
+from coco_multilabel.models.ensemble import read_member
 from coco_multilabel.submit import submit
 
 PLAIN = [PLAIN_RECIPE]
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="wall-clock budget of every row")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="coco-dev is small: 465 val images")
+    parser.add_argument("--folds", type=int, help="score every row out of fold over K folds (K runs a row)")
     parser.add_argument("--rows", nargs="*", help="row names (or unique prefixes) to run; default all")
     args = parser.parse_args()
     out = Path(args.out) / "ablation"
@@ -91,6 +96,9 @@ def main() -> None:
     rows, runs = [], {}
     for name in wanted:
         overrides = ROWS[name]
+        if overrides is None and args.folds:
+            print(f"{name}: not scored out of fold (it re-validates one split's checkpoint)", flush=True)
+            continue
         if overrides is None:  # flip TTA: the plain run again, validated with mirror images
             plain = runs.get(tuple(PLAIN)) or run(args, out, "plain", PLAIN, runs)
             start = time.perf_counter()
@@ -107,10 +115,33 @@ def main() -> None:
 
 
 def run(args, out: Path, slug_: str, overrides: list[str], runs: dict) -> dict:
-    split = ["data.val_fraction=" + str(args.val_fraction)]
-    result = recipe(args.data, args.budget_minutes, out / slug_, *split, *overrides)
+    if args.folds:
+        result = run_folds(args, out, slug_, overrides)
+    else:
+        split = ["data.val_fraction=" + str(args.val_fraction)]
+        result = recipe(args.data, args.budget_minutes, out / slug_, *split, *overrides)
     runs[tuple(overrides)] = result
     return result
+
+
+def run_folds(args, out: Path, slug_: str, overrides: list[str]) -> dict:
+    """A row scored out of fold: K runs on the folds of ``out/folds.json``, each within the budget;
+    its figures are those of every labelled image, each predicted by the run that held it out."""
+    shared = [f"data.folds={args.folds}", f"data.folds_file={out / 'folds.json'}"]
+    results = [
+        recipe(args.data, args.budget_minutes, out / slug_ / str(k), *shared, f"data.fold={k}", *overrides)
+        for k in range(args.folds)
+    ]
+    wall = sum(r["wall_s"] for r in results)
+    return {"wall_s": wall, "best": oof_best(results), "summary": results[0]["summary"]}
+
+
+def oof_best(results: list[dict]) -> dict:
+    """The out-of-fold scores (global threshold) of the runs' best checkpoints."""
+    members = [read_member(r["summary"]["best_checkpoint"]) for r in results]
+    _, probs, targets = out_of_fold([m.held_out() for m in members])
+    tuning = members[0].checkpoint.get("threshold_tuning") or {}
+    return oof_scores(probs, targets, {**tuning, "mode": "global"})["by_mode"]["global"]["metrics"]
 
 
 def slug(name: str) -> str:
@@ -130,9 +161,15 @@ def write_table(args, rows: list[tuple], path: Path) -> Path:
             f"| {name} | **{score:.3f}** | {at_half:.3f} | {xfit:.3f} | {map_:.3f} | {ratio} | {wall:.0f} |"
         )
     command = " ".join(["python -m coco_multilabel.bench.ablation", *sys.argv[1:]])
+    folds = getattr(args, "folds", None)
+    scoring = (
+        f"scored out of fold over {folds} folds (every labelled image)"
+        if folds
+        else f"data.val_fraction={args.val_fraction}"
+    )
     text = (
         f"# make ablation\n\n`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.budget_minutes:g} min per row, data.val_fraction={args.val_fraction}\n\n"
+        f"{args.budget_minutes:g} min per {'fold' if folds else 'row'}, {scoring}\n\n"
         "Plain rows decide at 0.5; every other row at its cross-fitted tuned threshold.\n\n"
         + "\n".join(lines) + "\n"
     )  # fmt: skip

@@ -163,9 +163,13 @@ def read_folds(path: Path) -> dict:
 
 
 def fold_split(folds: dict, fold: int, folds_file: Path) -> dict:
-    """A run's ``split.json`` record for fold ``fold``: val is that fold, train the others."""
-    if not 0 <= fold < folds["k"]:
-        raise UserError(f"data.fold must be 0..{folds['k'] - 1} (data.folds={folds['k']}), got {fold}")
+    """A run's ``split.json`` record for fold ``fold``: val is that fold, train the others; fold -1
+    (``REFIT``) trains on every fold and has no val."""
+    if not -1 <= fold < folds["k"]:
+        raise UserError(
+            f"data.fold must be 0..{folds['k'] - 1} (data.folds={folds['k']}), or -1 to train on all, "
+            f"got {fold}"
+        )
     train = sorted(s for j, part in enumerate(folds["folds"]) if j != fold for s in part)
     return {
         "seed": folds["seed"],
@@ -174,7 +178,7 @@ def fold_split(folds: dict, fold: int, folds_file: Path) -> dict:
         "folds_file": str(Path(folds_file).resolve()),
         "folds_digest": folds_digest(folds),
         "train": train,
-        "val": sorted(folds["folds"][fold]),
+        "val": sorted(folds["folds"][fold]) if fold >= 0 else [],
     }
 
 

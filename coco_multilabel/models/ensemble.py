@@ -67,8 +67,9 @@ def is_cv_dir(path: Path) -> bool:
 
 
 def member_paths(spec: str | list | tuple | Path, top: int | None = None) -> list[Path]:
-    """The checkpoints named by ``spec``: one file, files separated by commas (or a list), a
-    cross-validation folder (every fold's best checkpoint) or a sweep folder (``top`` best jobs)."""
+    """The checkpoints named by ``spec``: one file, files separated by commas (or a list), a run
+    folder (its best checkpoint, or its refit one), a cross-validation folder (every fold's best
+    checkpoint) or a sweep folder (its ``top`` best jobs)."""
     if isinstance(spec, str):
         spec = [s.strip() for s in spec.strip("[]").split(",") if s.strip()]
     elif isinstance(spec, Path):
@@ -79,6 +80,8 @@ def member_paths(spec: str | list | tuple | Path, top: int | None = None) -> lis
             paths.append(item)  # a missing file: read_checkpoint names it
         elif is_cv_dir(item):
             paths += cv_checkpoints(item)
+        elif (run := item / "checkpoints").is_dir():  # a run folder (make cv's refit/ among them)
+            paths.append(run / "refit.ckpt" if (run / "refit.ckpt").is_file() else run / "best.ckpt")
         elif (item / "summary.csv").is_file() or any(read_result(d) for d in item.iterdir() if d.is_dir()):
             paths += sweep_checkpoints(item, top)
         else:
@@ -125,6 +128,11 @@ def split_kind(members: list[Member]) -> str:
     if len(members) == 1:
         return "single"
     names = ", ".join(str(m.path) for m in members)
+    if refits := [str(m.path) for m in members if m.fold == -1]:
+        raise UserError(
+            f"{refits[0]} was trained on every labelled image (make cv REFIT=true): no image is held "
+            "out of it to tune an ensemble's thresholds on; submit it alone"
+        )
     if any(m.split is None for m in members):
         raise UserError(
             f"an ensemble needs each member's run folder (its split.json) to check that they share a "
@@ -141,8 +149,8 @@ def split_kind(members: list[Member]) -> str:
     raise UserError(
         f"these models were trained on different splits, so no val images are held out by all of "
         f"them to tune the ensemble's thresholds on: {names}. Ensemble models of one split (a sweep "
-        "with one seed and data.val_fraction), or the folds of cross-validations that share a folds "
-        "file (make cv ... ARGS=data.folds_file=<first cv>/folds.json)"
+        "with one seed and data.val_fraction), or the folds of cross-validations with the same data, "
+        "K and seed (make cv)"
     )
 
 
