@@ -19,18 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from coco_multilabel.cli import report_user_errors
+from coco_multilabel.data.feature_cache import cache_lock
 from coco_multilabel.errors import UserError
 
 GB = 1024**3
 DAY = 86400.0
-
-
-def cache_lock(folder: Path) -> FileLock:
-    """The lock a cache's builder holds while it builds ``folder`` (``<cache dir>/<key>.lock``)."""
-    return FileLock(str(folder.with_name(f"{folder.name.lstrip('.').split('.')[0]}.lock")))
 
 
 @dataclass

@@ -13,7 +13,6 @@ for its mirror image; the final 1280-channel map would take 7 times that.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
@@ -185,31 +185,13 @@ def unfinished_folder(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
 
 
-class CacheLock:
+def cache_lock(folder: Path) -> FileLock:
     """One builder per cache at a time, machine- or file-system-wide (``flock``): a sweep job that
-    finds another building the same cache waits for it and then reuses it."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder).parent / f".{Path(folder).name}.lock"
-        self.file = None
-
-    def acquire(self) -> CacheLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a")  # noqa: SIM115 - held across calls, closed by release
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
-
-    def release(self) -> None:
-        if self.file is not None:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
-
-    def __enter__(self) -> CacheLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    finds another building the same cache waits for it and then reuses it; ``make clean-cache``
+    removes a cache only while holding it. ``<cache dir>/.<key>.lock``, also for ``.<key>.<pid>.tmp``."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder.with_name(f".{folder.name.lstrip('.').split('.')[0]}.lock")))
 
 
 def build_or_load(
@@ -231,7 +213,7 @@ def build_or_load(
     ``extract`` maps a batch of images to what is kept (an eval-mode backbone, or the model's
     ``trunk_features``); ``cut`` says where it ends, for the key."""
     folder = Path(cache_dir) / cache_key(backbone_cfg, transform, image_paths, flip, cut, min_side)
-    with CacheLock(folder):
+    with cache_lock(folder):
         if is_complete(folder):
             log.info("feature cache hit: %s", folder)
             return FeatureCache.load(folder)

@@ -16,13 +16,14 @@ import shutil
 
 import lightning as L
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.feature_cache import (
-    CacheLock,
     FeatureCache,
     RowWriter,
+    cache_lock,
     create_arrays,
     finish,
     is_complete,
@@ -79,14 +80,15 @@ class CacheBuilder(L.LightningModule):
         super().__init__()
         self.model, self.request = model, request
         self.tmp = None  # the unfinished folder all ranks write to; None: nothing to build
-        self.lock: CacheLock | None = None
+        self.lock: FileLock | None = None
         self.writer: RowWriter | None = None
 
     def setup(self, stage: str) -> None:
         """Rank 0 decides, under the lock, whether to build, and creates the arrays; all ranks learn it."""
         plan = None
         if self.trainer.is_global_zero:
-            self.lock = CacheLock(self.request.folder).acquire()
+            self.lock = cache_lock(self.request.folder)
+            self.lock.acquire()
             if is_complete(self.request.folder):  # built meanwhile, by another run of a sweep
                 self.lock.release()
                 self.lock = None
