@@ -72,6 +72,7 @@ def test_resume_finds_the_phase_of_the_checkpoint_or_refuses_another_schedule():
         (["schedule=top"], "schedule.top trains the top, but model.top_stages=0"),
         (["model.top_stages=1"], "model.top_stages=1 only matters to a phase with train: top"),
         (["thresholds.shrinkage=3"], "thresholds.shrinkage applies to per-class thresholds only"),
+        (["data.cache_on_device=true"], "data.cache_on_device=true keeps the feature cache on the device"),
     ],
 )
 def test_options_that_would_do_nothing_are_refused_before_training(train_cfg, tmp_path, overrides, message):

@@ -55,7 +55,8 @@ def image_names(image_dir: str | Path) -> dict[str, str]:
             names = [e.name for e in entries if e.name.endswith(IMAGE_SUFFIXES) and not e.is_dir()]
     except FileNotFoundError:
         raise UserError(f"image folder {image_dir} does not exist") from None
-    return {Path(name).stem: name for name in sorted(names, key=lambda n: Path(n).stem)}
+    stems = [os.path.splitext(name)[0] for name in names]  # no Path objects: 65,000 of them take seconds
+    return dict(sorted(zip(stems, names, strict=True)))
 
 
 class CocoImages(Dataset):
@@ -77,19 +78,24 @@ class CocoImages(Dataset):
         min_side: int | None = None,
         on_bad_image: str = "error",
         targets: np.ndarray | None = None,
+        folder: Path | None = None,
     ):
+        """``image_paths``: paths, or with ``folder`` the file names in it."""
         if labels is not None and len(labels) != len(image_paths):
             raise ValueError("one label list per image is needed")
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise UserError(
                 f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}"
             )
-        paths = [Path(p) for p in image_paths]
-        parents = {p.parent for p in paths}
-        self.folder = parents.pop() if len(parents) == 1 else None
-        self.names = np.array([p.name if self.folder else str(p) for p in paths], dtype=str)
+        if folder is not None:
+            self.folder, self.names = Path(folder), np.array(list(image_paths), dtype=str)
+        else:
+            paths = [Path(p) for p in image_paths]
+            parents = {p.parent for p in paths}
+            self.folder = parents.pop() if len(parents) == 1 else None
+            self.names = np.array([p.name if self.folder else str(p) for p in paths], dtype=str)
         if labels is not None:
-            targets = np.zeros((len(paths), num_classes), dtype=bool)
+            targets = np.zeros((len(self.names), num_classes), dtype=bool)
             for row, classes in enumerate(labels):
                 targets[row, classes] = True
         self.targets = targets  # N x C bool, or None
@@ -107,7 +113,7 @@ class CocoImages(Dataset):
 
     @property
     def stems(self) -> list[str]:
-        return [Path(str(name)).stem for name in self.names]
+        return [os.path.splitext(os.path.basename(name))[0] for name in self.names.tolist()]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -144,17 +150,17 @@ class CocoImages(Dataset):
         the labels index and the folder's ``image_names`` when given, else read file by file."""
         root = Path(root)
         image_dir = root / "images" / "train"
-        if names is not None:
-            missing = [s for s in stems if s not in names]
-            if missing:
-                raise UserError(f"image {image_dir / missing[0]}.jpg does not exist; {CHECK_DATA_HINT}")
-            paths = [image_dir / names[s] for s in stems]
-        else:
-            paths = [_image_path(image_dir, stem) for stem in stems]
+        if names is None:
+            names = {stem: _image_path(image_dir, stem).name for stem in stems}
+        missing = [s for s in stems if s not in names]
+        if missing:
+            raise UserError(f"image {image_dir / missing[0]}.jpg does not exist; {CHECK_DATA_HINT}")
+        files = [names[s] for s in stems]
         if index is not None:
-            return cls(paths, None, transform, num_classes, min_side, on_bad_image, index.targets_of(stems))
+            targets = index.targets_of(stems)
+            return cls(files, None, transform, num_classes, min_side, on_bad_image, targets, folder=image_dir)
         labels = [read_label_file(root / "labels" / "train" / f"{s}.cls", num_classes) for s in stems]
-        return cls(paths, labels, transform, num_classes, min_side, on_bad_image)
+        return cls(files, labels, transform, num_classes, min_side, on_bad_image, folder=image_dir)
 
 
 def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

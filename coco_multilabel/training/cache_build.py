@@ -102,7 +102,8 @@ class CacheBuilder(L.LightningModule):
     def _sample_output(self) -> torch.Tensor:
         """The trunk's output for one blank image: the arrays' shape and storage type."""
         size = self.request.min_side
-        return self.model.trunk_features(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+        blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=self.model.mean.device)
+        return self.model.trunk_features(blank)
 
     def predict_dataloader(self) -> DataLoader:
         request = self.request

@@ -38,6 +38,11 @@ def check_options(cfg: DictConfig, phases: list[Phase]) -> None:
             )
         if not data.augment:
             raise UserError(f"data.{key}={value} does nothing with data.augment=false: drop one of them")
+    if data.get("cache_on_device") and not cached:
+        raise UserError(
+            f"data.cache_on_device=true keeps the feature cache on the device, but no phase of this "
+            f"schedule ({names}) reads the cache: drop it, or pick a schedule with inputs: cache"
+        )
     if cached and not data.cache_flip:
         if cfg.model.tta:
             raise UserError(
