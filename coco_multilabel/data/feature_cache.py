@@ -28,6 +28,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
 from coco_multilabel.data.datasets import CocoImages
+from coco_multilabel.io import check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def build_or_load(
                     out = extract(images.flip(-1) if flipped else images).float().cpu().numpy()
                     if name not in arrays:
                         dtype = np.float32 if out.ndim == 2 else np.float16
+                        size = len(files) * len(image_paths) * out[0].size * np.dtype(dtype).itemsize
+                        check_free_space(tmp, size, f"feature cache {folder}", "data.cache_dir=<other disk>")
                         arrays[name] = np.lib.format.open_memmap(
                             tmp / name, mode="w+", dtype=dtype, shape=(len(image_paths), *out.shape[1:])
                         )

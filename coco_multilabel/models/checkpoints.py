@@ -78,3 +78,10 @@ def check_resumable(ckpt_path: str | Path, backbone: dict, num_classes: int = NU
             f"{ckpt_path} predicts {saved.get('num_classes')} classes, but this run has {num_classes}; "
             "resume with the same model.num_classes or start a new run"
         )
+
+
+def checkpoint_bytes(model) -> int:
+    """About what one checkpoint of ``model`` takes: its weights, the optimizer's two moments
+    (Adam's; SGD keeps fewer), and the EMA copy the callback may keep."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return 4 * weights
