@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -121,3 +122,25 @@ def one_line(err: BaseException) -> str:
     """The first line of an exception's message (torch's and Pillow's run over many)."""
     lines = str(err).strip().splitlines()
     return lines[0][:200] if lines else type(err).__name__
+
+
+def check_free_space(folder: str | Path, needed: int, what: str, fix: str) -> None:
+    """Say up front, in one line, when ``folder``'s disk has less than ``needed`` bytes (and 10 %)
+    free for ``what``, instead of failing at 90 % of a long step; ``fix`` names the option."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:  # the disk the folder will be made on
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.1:
+        raise UserError(
+            f"{what} needs about {human_bytes(needed)} on {folder}, which has {human_bytes(free)} free: "
+            f"free some space, or {fix}"
+        )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -19,10 +19,15 @@ from coco_multilabel.callbacks.budget import RunBudget, parse_duration
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.cli import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datasets import check_data_root
-from coco_multilabel.io import AtomicCheckpointIO, write_json_atomic
+from coco_multilabel.io import AtomicCheckpointIO, check_free_space, write_json_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.backbones import without_downloads
-from coco_multilabel.models.checkpoints import check_resumable, drop_last_checkpoint, read_checkpoint
+from coco_multilabel.models.checkpoints import (
+    check_resumable,
+    checkpoint_bytes,
+    drop_last_checkpoint,
+    read_checkpoint,
+)
 from coco_multilabel.reporting.run_summary import print_summary
 from coco_multilabel.sweeps.job import run_job
 from coco_multilabel.training.options import check_options
@@ -54,6 +59,10 @@ def train(cfg: DictConfig) -> dict:
         backbone=backbone_cfg, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), loss=cfg.get("loss"),
         **cfg.model,
     )  # fmt: skip
+    checkpoints = "checkpoints (last, best and one being written)"  # the disk is known before any epoch
+    check_free_space(
+        Path(cfg.run_dir), 3 * checkpoint_bytes(model), checkpoints, "hydra.run.dir=<other disk>"
+    )
     if any(phase.inputs == "cache" and phase.epochs for phase in phases):
         datamodule.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
     callbacks = [*(instantiate(c) for c in cfg.callbacks.values() if c), budget]

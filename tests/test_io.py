@@ -85,3 +85,46 @@ def test_atomic_writes_get_the_mode_the_umask_gives_a_new_file(tmp_path, umask, 
         os.umask(previous)
     assert text.stat().st_mode & 0o777 == mode
     assert ckpt.stat().st_mode & 0o777 == mode
+
+
+def test_short_disk_is_said_up_front_in_one_line(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from coco_multilabel.io import check_free_space
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5 * 10**6, 5 * 10**6))
+    check_free_space(tmp_path / "not" / "yet", 4 * 10**6, "checkpoints", "hydra.run.dir=<other disk>")
+    with pytest.raises(UserError) as short:
+        check_free_space(tmp_path / "not" / "yet", 6 * 10**6, "checkpoints", "hydra.run.dir=<other disk>")
+    assert str(short.value) == (
+        f"checkpoints needs about 6.0 MB on {tmp_path}, which has 5.0 MB free: "
+        "free some space, or hydra.run.dir=<other disk>"
+    )
+
+
+def test_train_and_the_feature_cache_check_the_disk_before_they_write(train_cfg, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from coco_multilabel.train import train
+
+    usage = namedtuple("usage", "total used free")
+    cache = tmp_path / "cache"  # a disk of its own, nearly full
+
+    def disk_usage(path):
+        free = 10**4 if str(path).startswith(str(cache)) else 10**5
+        return usage(10**12, 10**12 - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    checkpoints = r"checkpoints \(last, best and one being written\) needs about .* MB"
+    with pytest.raises(UserError, match=checkpoints):
+        train(train_cfg(run_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    monkeypatch.setattr("coco_multilabel.train.checkpoint_bytes", lambda model: 1)
+    with pytest.raises(
+        UserError, match="feature cache .* needs about .* free: free some space, or data.cache_dir="
+    ):
+        train(train_cfg("schedule=probe", f"data.cache_dir={cache}", run_dir=tmp_path / "probe"))
+    assert not any(cache.rglob("*.npy"))

@@ -57,8 +57,11 @@ def unpack(archive: str | Path, destination: str | Path, progress: bool = True) 
             prefix = data_prefix([m.filename for m in members])
             members = [m for m in members if m.filename.startswith(prefix) and m.filename != prefix]
             destination.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(destination)
             staging = Path(
-                tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+                tempfile.mkdtemp(
+                    dir=destination.parent, prefix=f".{destination.name}.{os.getpid()}.", suffix=".tmp"
+                )
             )
             try:
                 _extract(zf, members, prefix, staging, progress)
@@ -72,6 +75,26 @@ def unpack(archive: str | Path, destination: str | Path, progress: bool = True) 
         raise UserError(f"{archive} is not a complete zip archive ({err}); download it again") from err
     log.info("unpacked %d files of %s to %s", sum(not m.is_dir() for m in members), archive, destination)
     return destination
+
+
+def remove_stale_staging(destination: Path) -> None:
+    """An unpack killed mid-way (SIGKILL, a power cut) leaves its staging folder, as big as the
+    data: the next unpack removes those of processes that are gone, never a running one's."""
+    for stale in destination.parent.glob(f".{destination.name}.*.tmp"):
+        pid = stale.name.removeprefix(f".{destination.name}.").split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an unpack that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _extract(zf: zipfile.ZipFile, members, prefix: str, staging: Path, progress: bool) -> None:

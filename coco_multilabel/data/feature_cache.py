@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
+from coco_multilabel.io import check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,10 @@ def storage_dtype(features: torch.Tensor) -> np.dtype:
 
 
 def create_arrays(tmp: Path, rows: int, sample: torch.Tensor, flip: bool) -> None:
-    """The unfinished cache's arrays, shaped after ``sample`` (the trunk's output for one image)."""
+    """The unfinished cache's arrays, shaped after ``sample`` (the trunk's output for one image),
+    once the disk is known to hold them."""
+    size = (1 + flip) * rows * sample[0].numel() * np.dtype(storage_dtype(sample)).itemsize
+    check_free_space(tmp.parent, size, f"feature cache {tmp.parent}", "data.cache_dir=<other disk>")
     tmp.mkdir(parents=True)
     for name in ARRAYS[: 1 + flip]:
         array = np.lib.format.open_memmap(

@@ -96,3 +96,10 @@ def drop_last_checkpoint(trainer, run_dir: str | Path, keep: bool = False) -> Pa
         return None
     last.unlink(missing_ok=True)
     return last
+
+
+def checkpoint_bytes(model) -> int:
+    """About what one checkpoint of ``model`` takes: its weights, the optimizer's two moments
+    (Adam's; SGD keeps fewer), and the EMA copy the callback may keep."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return 4 * weights
