@@ -33,6 +33,7 @@ from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import save_probabilities
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.models.ensemble import check_same_folds_file, read_member
 from coco_multilabel.sweeps.job import read_result
 
@@ -76,7 +77,7 @@ def refit(data: str, k: int, cv_dir: Path, overrides: list[str], record: dict) -
         log.info("refit: %d epochs on all %d images in %s", epochs, record["images"], run_dir)
         if status := subprocess.run(command, env=os.environ.copy()).returncode:
             return status
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     checkpoint["state_dict"]["thresholds"] = torch.tensor(record["thresholds"])
     checkpoint["threshold_tuning"] = record["tuning"]
     buffer = io.BytesIO()

@@ -24,6 +24,7 @@ from coco_multilabel.cli import CONFIG_DIR
 from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.models import MultiLabelClassifier
+from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.training.schedule import phases_from_config
 
 PLAIN = "experiment=plain"  # throughput of plain fine-tuning (the default recipe starts frozen)
@@ -126,7 +127,7 @@ def inference_modes(cfg) -> list[dict]:
 
 def with_eval_precision(ckpt_path: str | Path, precision: str, folder: Path) -> Path:
     """A copy of a checkpoint that evaluates at ``precision`` (``model.eval_precision``)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(ckpt_path)
     checkpoint["hyper_parameters"]["eval_precision"] = precision
     path = folder / f"eval_{precision}.ckpt"
     torch.save(checkpoint, path)
@@ -171,7 +172,7 @@ def submit_rates(
                       num_workers=num_workers, progress_bar=False)  # fmt: skip
         n_test = len(json.loads(path.read_text()))
         end_to_end = n_test / (time.perf_counter() - start)
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(ckpt)
         views = f"{checkpoint_image_size(checkpoint)} px" + (
             ", flip TTA" if checkpoint["hyper_parameters"].get("tta") else ""
         )
