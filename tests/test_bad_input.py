@@ -128,3 +128,14 @@ def test_files_that_are_folders_or_pickles_where_tensors_belong(tmp_path):
         torch.save({"probs": Payload()}, tmp_path / name)
         with pytest.raises(UserError, match=f"{what} .*{name} holds pickled objects.*GLOBAL .*print"):
             reader(str(tmp_path / name))
+
+
+def test_a_predictions_file_in_another_encoding_or_a_folder_says_so(tmp_path):
+    from coco_multilabel.decisions.submission import parse_submission_file
+
+    (tmp_path / "utf16.json").write_bytes('{"a": [1]}'.encode("utf-16"))
+    with pytest.raises(UserError, match="utf16.json is UTF-16 text, not UTF-8 .*iconv -f UTF-16"):
+        parse_submission_file(tmp_path / "utf16.json")  # what evaluate predictions= reads
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(UserError, match="folder.json is a folder; pass the JSON file submit wrote"):
+        parse_submission_file(tmp_path / "folder.json")
