@@ -139,3 +139,11 @@ def test_a_predictions_file_in_another_encoding_or_a_folder_says_so(tmp_path):
     (tmp_path / "folder.json").mkdir()
     with pytest.raises(UserError, match="folder.json is a folder; pass the JSON file submit wrote"):
         parse_submission_file(tmp_path / "folder.json")
+
+
+def test_a_run_config_cut_short_leaves_the_report_asking_for_the_data_root(tmp_path):
+    from coco_multilabel.reporting.report import find_data_root
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("data:\n  root: [unclosed\n")
+    assert find_data_root(tmp_path, None) is None  # the report then says "pass --data DIR"
