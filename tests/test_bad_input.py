@@ -147,3 +147,13 @@ def test_a_run_config_cut_short_leaves_the_report_asking_for_the_data_root(tmp_p
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("data:\n  root: [unclosed\n")
     assert find_data_root(tmp_path, None) is None  # the report then says "pass --data DIR"
+
+
+def test_bad_headers_names_the_bad_images_of_a_list_without_decoding(root):
+    from coco_multilabel.data.checks import bad_headers
+
+    good = root / "images/train/a.jpg"
+    (root / "images/train/garbage.jpg").write_bytes(b"not an image")
+    (root / "images/train/cut.jpg").write_bytes(good.read_bytes()[:300])
+    paths = [good, root / "images/train/garbage.jpg", root / "images/train/cut.jpg"]
+    assert bad_headers(paths) == [(paths[1], "unreadable"), (paths[2], "truncated")]
