@@ -109,18 +109,23 @@ def load_data_only(path: str | Path, what: str, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        found = re.search(r"GLOBAL [\w.]+", text) or re.search(r"Unsupported [^.\n]*", text)
+        found = re.search(r"GLOBAL [\w.]+", str(err))
+        if found is None:  # no callable named: a damaged file, or not a torch file at all
+            raise
         raise UserError(
             f"{what} {path} holds pickled objects, not only tensors and plain data "
-            f"({found.group(0) if found else one_line(err)}); loading it could run code, so it was not "
+            f"({found.group(0)}); loading it could run code, so it was not "
             "loaded; use a file written by coco-multilabel (or torch.save of a plain state dict)"
         ) from err
 
 
 def one_line(err: BaseException) -> str:
     """The first line of an exception's message (torch's and Pillow's run over many)."""
-    lines = str(err).strip().splitlines()
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)  # torch's one useful line
+    if unpickler:
+        return f"not a PyTorch file, or damaged: {unpickler.group(1).strip()[:160]}"
+    lines = text.strip().splitlines()
     return lines[0][:200] if lines else type(err).__name__
 
 

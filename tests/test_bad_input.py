@@ -128,3 +128,32 @@ def test_files_that_are_folders_or_pickles_where_tensors_belong(tmp_path):
         torch.save({"probs": Payload()}, tmp_path / name)
         with pytest.raises(UserError, match=f"{what} .*{name} holds pickled objects.*GLOBAL .*print"):
             reader(str(tmp_path / name))
+
+
+def test_a_predictions_file_in_another_encoding_or_a_folder_says_so(tmp_path):
+    from coco_multilabel.decisions.submission import parse_submission_file
+
+    (tmp_path / "utf16.json").write_bytes('{"a": [1]}'.encode("utf-16"))
+    with pytest.raises(UserError, match="utf16.json is UTF-16 text, not UTF-8 .*iconv -f UTF-16"):
+        parse_submission_file(tmp_path / "utf16.json")  # what evaluate predictions= reads
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(UserError, match="folder.json is a folder; pass the JSON file submit wrote"):
+        parse_submission_file(tmp_path / "folder.json")
+
+
+def test_a_run_config_cut_short_leaves_the_report_asking_for_the_data_root(tmp_path):
+    from coco_multilabel.reporting.report import find_data_root
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("data:\n  root: [unclosed\n")
+    assert find_data_root(tmp_path, None) is None  # the report then says "pass --data DIR"
+
+
+def test_bad_headers_names_the_bad_images_of_a_list_without_decoding(root):
+    from coco_multilabel.data.checks import bad_headers
+
+    good = root / "images/train/a.jpg"
+    (root / "images/train/garbage.jpg").write_bytes(b"not an image")
+    (root / "images/train/cut.jpg").write_bytes(good.read_bytes()[:300])
+    paths = [good, root / "images/train/garbage.jpg", root / "images/train/cut.jpg"]
+    assert bad_headers(paths) == [(paths[1], "unreadable"), (paths[2], "truncated")]

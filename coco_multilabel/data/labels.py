@@ -101,7 +101,7 @@ def encoding_problem(data: bytes, err: UnicodeDecodeError | None = None) -> str:
         return "UTF-16 text, not UTF-8 (as Notepad or PowerShell save it); convert: iconv -f UTF-16 -t UTF-8"
     return (
         f"not UTF-8 text ({err.reason} at byte {err.start}; Latin-1 or another 8-bit encoding?); "
-        "a label file holds only digits: re-save it as UTF-8 (iconv -f LATIN1 -t UTF-8)"
+        "re-save it as UTF-8 (iconv -f LATIN1 -t UTF-8)"
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from coco_multilabel.classes import NUM_CLASSES
+from coco_multilabel.data.labels import encoding_problem
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_text_atomic
 
@@ -72,9 +73,16 @@ def parse_submission(text: str, source: str = "submission") -> dict:
 
 def parse_submission_file(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"predictions file {path} is a folder; pass the JSON file submit wrote")
     if not path.is_file():
         raise UserError(f"predictions file {path} does not exist")
-    return parse_submission(path.read_text(encoding="utf-8"), str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"predictions file {path} is {encoding_problem(data, err)}") from None
+    return parse_submission(text, str(path))
 
 
 def read_submission(path: str | Path, stems: list[str], hint_subset: bool = False) -> dict[str, list[int]]:

@@ -34,7 +34,7 @@ from coco_multilabel.data.split import read_split, split_image_paths
 from coco_multilabel.decisions.probabilities import read_probabilities, save_probabilities
 from coco_multilabel.decisions.thresholds import count_table
 from coco_multilabel.errors import UserError
-from coco_multilabel.io import write_bytes_atomic, write_text_atomic
+from coco_multilabel.io import one_line, write_bytes_atomic, write_text_atomic
 from coco_multilabel.metrics import per_class_table
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
 from coco_multilabel.models.inference import predict_files
@@ -177,14 +177,18 @@ def find_data_root(run_dir: Path, data_root: str | None) -> Path | None:
     config = run_dir / ".hydra" / "config.yaml"
     if not config.is_file():
         return None
-    root = OmegaConf.load(config).get("data", {}).get("root")
-    if not root:
+    try:  # Hydra writes these files in place: a run killed at its start may leave them cut short
+        root = OmegaConf.load(config).get("data", {}).get("root")
+        if not root:
+            return None
+        root = Path(root)
+        hydra_file = run_dir / ".hydra" / "hydra.yaml"
+        if not root.is_absolute() and hydra_file.is_file():
+            cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
+            root = Path(cwd) / root if cwd else root
+    except Exception as err:
+        log.warning("cannot read %s (%s); pass --data DIR", config, one_line(err))
         return None
-    root = Path(root)
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    if not root.is_absolute() and hydra_file.is_file():
-        cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
-        root = Path(cwd) / root if cwd else root
     return root if (root / "labels" / "train").is_dir() else None
 
 
