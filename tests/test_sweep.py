@@ -112,7 +112,9 @@ def test_a_killed_run_resumes_in_its_folder_and_ends_like_an_uninterrupted_one(
     assert result["epochs"] == uninterrupted["epochs"] == 2
     assert result["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert (run_dir / "split.json").read_text() == split
-    assert not (tmp_path / "outputs").exists()  # no new run folder
+    assert not (
+        tmp_path / "outputs" / "train"
+    ).exists()  # no new run folder (outputs/cache: the labels index)
     for path in (run_dir / "checkpoints" / "last.ckpt", tmp_path / "whole" / "checkpoints" / "last.ckpt"):
         assert torch.load(path, weights_only=False)["epoch"] == 1
 
