@@ -36,22 +36,20 @@ def evaluate(
     return evaluate_predictions(predictions, labels, only_predicted, cache_dir)[0]
 
 
-def label_targets(labels, stems, cache_dir=DEFAULT_CACHE_DIR) -> torch.Tensor:
-    """N x C float targets of ``stems``, from the labels index of the folder ``labels``."""
+def label_index(labels, cache_dir=DEFAULT_CACHE_DIR):
+    """The labels index of the folder ``labels`` (parsed once, kept in ``cache_dir``)."""
     if not Path(labels).is_dir():
         raise UserError(f"label folder {labels} does not exist")
-    index = load_label_index(labels, cache_dir)
-    return torch.from_numpy(index.targets_of(list(stems))).float()
+    return load_label_index(labels, cache_dir)
 
 
 def evaluate_predictions(
     predictions, labels, only_predicted: bool = False, cache_dir=DEFAULT_CACHE_DIR
 ) -> tuple[dict, list[dict]]:
-    if only_predicted:  # the JSON names the images to score; each must have a label file
-        stems = sorted(parse_submission_file(predictions))
-    else:
-        stems = [str(s) for s in load_label_index(labels, cache_dir).stems] if Path(labels).is_dir() else []
-    targets = label_targets(labels, stems, cache_dir)
+    index = label_index(labels, cache_dir)
+    # only_predicted: the JSON names the images to score; each must have a label file
+    stems = sorted(parse_submission_file(predictions)) if only_predicted else index.stems.tolist()
+    targets = torch.from_numpy(index.targets_of(stems)).float()
     if not stems:
         raise UserError(f"label folder {labels} holds no .cls files")
     predicted = read_submission(predictions, stems, hint_subset=not only_predicted)
@@ -64,7 +62,7 @@ def evaluate_probabilities(probs_file, labels, objective: str = "macro_f1", min_
                            ) -> tuple[dict, list[dict], list[dict]]:  # fmt: skip
     """Scores at the file's thresholds, a threshold study and the per-class table."""
     saved = read_probabilities(probs_file)
-    targets = label_targets(labels, saved["stems"], cache_dir)  # labels may hold more stems than scored
+    targets = torch.from_numpy(label_index(labels, cache_dir).targets_of(saved["stems"])).float()
     probs, thresholds = saved["probs"], saved["thresholds"]
     scores = {**label_scores(probs > thresholds, targets), "map": mean_average_precision(probs, targets)}
     # what the ThresholdTuner logs in per_class mode: 0.5, global and per class, tuned and cross-fitted

@@ -218,3 +218,34 @@ def test_a_bad_image_is_skipped_by_the_cache_build_when_told_to(images, tmp_path
     assert not cache_folders(tmp_path / "c1")  # nothing half-built left behind
     cache = build_or_load(tmp_path / "c2", paths, extract, BACKBONE, transform, on_bad_image="skip")
     assert cache.present.tolist() == [True, True, False, True, True, True]
+
+
+def test_two_jobs_wanting_the_same_cache_build_it_once(images, tmp_path):
+    import threading
+    import time
+
+    from coco_multilabel.data.feature_cache import CacheLock
+
+    calls, transform = [], eval_transform(image_size=32)
+
+    def extract(batch):
+        calls.append(len(batch))
+        return batch.float().mean((2, 3))
+
+    results = []
+
+    def job():
+        results.append(build_or_load(tmp_path, images, extract, BACKBONE, transform, batch_size=4))
+
+    key_folder = tmp_path / cache_key(BACKBONE, transform, images, False)
+    with CacheLock(key_folder):  # a third job is building: both wait for it
+        jobs = [threading.Thread(target=job) for _ in range(2)]
+        for thread in jobs:
+            thread.start()
+        time.sleep(0.5)
+        assert all(thread.is_alive() for thread in jobs) and not calls
+    for thread in jobs:
+        thread.join(timeout=120)
+    assert sum(calls) == len(images)  # one of them built it, the other found it
+    assert [r.stems for r in results] == [[p.stem for p in images]] * 2
+    np.testing.assert_array_equal(results[0].features, results[1].features)

@@ -112,7 +112,9 @@ def test_a_killed_run_resumes_in_its_folder_and_ends_like_an_uninterrupted_one(
     assert result["epochs"] == uninterrupted["epochs"] == 2
     assert result["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert (run_dir / "split.json").read_text() == split
-    assert not (tmp_path / "outputs").exists()  # no new run folder
+    assert not (
+        tmp_path / "outputs" / "train"
+    ).exists()  # no new run folder (outputs/cache: the labels index)
     for path in (run_dir / "checkpoints" / "last.ckpt", tmp_path / "whole" / "checkpoints" / "last.ckpt"):
         assert torch.load(path, weights_only=False)["epoch"] == 1
 
@@ -126,7 +128,9 @@ def test_ddp_on_cpu_trains_a_run_in_two_processes(tiny_root, tmp_path):
     summary = json.loads((run_dir / "result.json").read_text())
     assert summary["status"] == "done" and summary["epochs"] == 1
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the second process used the same folder
+    # the second process used the same folder (outputs/ holds the cache folder's labels index)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == ["run"]
+    assert not (tmp_path / "outputs" / "train").exists()
 
 
 def test_a_multirun_job_refuses_ddp(train_cfg):

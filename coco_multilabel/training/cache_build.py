@@ -43,6 +43,10 @@ def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
     datamodule.setup("fit")
     request = datamodule.cache_request()
     if trainer.world_size > 1 or not is_complete(request.folder):
+        log.info(
+            "feature cache of %d images (%s): finding or building it on %d %s device(s)",
+            len(request.images), request.folder, trainer.world_size, trainer.strategy.root_device.type,
+        )  # fmt: skip
         builder = CacheBuilder(model, request)
         try:
             trainer.predict(builder, return_predictions=False)
