@@ -224,7 +224,7 @@ def test_two_jobs_wanting_the_same_cache_build_it_once(images, tmp_path):
     import threading
     import time
 
-    from coco_multilabel.data.feature_cache import CacheLock
+    from coco_multilabel.data.feature_cache import cache_lock
 
     calls, transform = [], eval_transform(image_size=32)
 
@@ -238,7 +238,7 @@ def test_two_jobs_wanting_the_same_cache_build_it_once(images, tmp_path):
         results.append(build_or_load(tmp_path, images, extract, BACKBONE, transform, batch_size=4))
 
     key_folder = tmp_path / cache_key(BACKBONE, transform, images, False)
-    with CacheLock(key_folder):  # a third job is building: both wait for it
+    with cache_lock(key_folder):  # a third job is building: both wait for it
         jobs = [threading.Thread(target=job) for _ in range(2)]
         for thread in jobs:
             thread.start()
@@ -249,3 +249,23 @@ def test_two_jobs_wanting_the_same_cache_build_it_once(images, tmp_path):
     assert sum(calls) == len(images)  # one of them built it, the other found it
     assert [r.stems for r in results] == [[p.stem for p in images]] * 2
     np.testing.assert_array_equal(results[0].features, results[1].features)
+
+
+def test_a_bad_image_is_named_before_the_trainer_builds_the_cache(images, tmp_path):
+    from types import SimpleNamespace
+
+    from coco_multilabel.errors import UserError
+    from coco_multilabel.training.cache_build import check_images
+
+    damaged = tmp_path / "images"
+    damaged.mkdir()
+    for path in images:
+        (damaged / path.name).write_bytes(path.read_bytes())
+    (damaged / images[2].name).write_bytes(images[2].read_bytes()[:200])  # cut short: no end marker
+    paths = [damaged / p.name for p in images]
+    request = SimpleNamespace(images=paths, folder=tmp_path / "c", on_bad_image="error")
+    expected = f"1 of the images .*{images[2].name} \\(truncated\\).*on_bad_image=skip"
+    with pytest.raises(UserError, match=expected):
+        check_images(request)
+    request.on_bad_image = "skip"  # the build leaves it out
+    check_images(request)

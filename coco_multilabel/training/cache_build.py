@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from pathlib import Path
 
 import lightning as L
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 
+from coco_multilabel.data.checks import bad_headers
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.feature_cache import (
     FeatureCache,
@@ -30,6 +32,8 @@ from coco_multilabel.data.feature_cache import (
     key_info,
     unfinished_folder,
 )
+from coco_multilabel.data.labels import CHECK_DATA_HINT
+from coco_multilabel.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
             "feature cache of %d images (%s): finding or building it on %d %s device(s)",
             len(request.images), request.folder, trainer.world_size, trainer.strategy.root_device.type,
         )  # fmt: skip
+        check_images(request)
         builder = CacheBuilder(model, request)
         try:
             trainer.predict(builder, return_predictions=False)
@@ -57,6 +62,20 @@ def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
         log.info("feature cache hit: %s", request.folder)
     cache = FeatureCache.load(request.folder, share=trainer.num_devices)
     datamodule.attach_cache(cache, device=trainer.strategy.root_device)
+
+
+def check_images(request) -> None:
+    """Under ``data.on_bad_image=error``, name an unreadable image before any work is spent on the
+    cache (a header check, seconds for the challenge's images) rather than minutes into the build."""
+    if request.on_bad_image != "error" or is_complete(request.folder):
+        return
+    bad = [(path, why) for path, why in bad_headers([Path(p) for p in request.images]) if why != "not_jpeg"]
+    if bad:  # a PNG named .jpg decodes: only what the build would stop at
+        path, problem = bad[0]
+        raise UserError(
+            f"{len(bad)} of the images the feature cache needs cannot be read, the first {path} "
+            f"({problem}); {CHECK_DATA_HINT}, or leave them out with data.on_bad_image=skip"
+        )
 
 
 class ContiguousShards(DistributedSampler):
