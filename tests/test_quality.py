@@ -138,11 +138,14 @@ def test_ablation_with_folds_scores_a_row_out_of_fold_over_every_labelled_image(
         calls.append(options)
         dm = CocoDataModule(root=root, num_workers=0, folds=int(options["data.folds"]),
                             fold=int(options["data.fold"]), folds_file=options["data.folds_file"],
-                            split_file=str(run_dir / "split.json"))  # fmt: skip
+                            split_file=str(run_dir / "split.json"),
+                            cache_dir=str(run_dir / "cache"))  # fmt: skip
         dm.setup("fit")
-        targets = torch.stack(list(dm.val_images.targets))
+        targets = torch.as_tensor(dm.val_images.targets).float()
         predictions = {"stems": dm.val_images.stems, "probs": targets, "targets": targets}
-        checkpoint = {"hyper_parameters": {"backbone": {"name": "fake"}}, "val_predictions": predictions,
+        backbone = {"_target_": "coco_multilabel.models.backbones.efficientnet_lite", "name": "fake"}
+        hparams = {"backbone": backbone, "optimizer": {"_target_": "torch.optim.AdamW"}}
+        checkpoint = {"hyper_parameters": hparams, "val_predictions": predictions,
                       "threshold_tuning": {"objective": "macro_f1", "mode": "global"}}  # fmt: skip
         (run_dir / "checkpoints").mkdir(parents=True)
         torch.save(checkpoint, run_dir / "checkpoints" / "best.ckpt")

@@ -152,6 +152,7 @@ def test_one_run_across_slurm_nodes_gets_its_ranks_from_slurm(tiny_root, tmp_pat
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities import rank_zero_only
 
     from coco_multilabel.cli import CONFIG_DIR
     from tests.conftest import tiny
@@ -172,6 +173,8 @@ def test_one_run_across_slurm_nodes_gets_its_ranks_from_slurm(tiny_root, tmp_pat
     cfg.trainer.devices = 2
     for name, value in SLURM_TASK.items():
         monkeypatch.setenv(name, value)
+    # the Trainer sets Lightning's process-wide rank (3 here): the tests after this one run as rank 0
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], max_time=None)
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (4, 3, 1, 1)
