@@ -13,12 +13,14 @@ from coco_multilabel.decisions.oof import out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.decisions.thresholds import tune
 from coco_multilabel.errors import UserError
+from coco_multilabel.models.backbones import StagedBackbone
 from coco_multilabel.models.checkpoints import load_model
 from coco_multilabel.models.ensemble import (
     ensemble_probabilities,
     ensemble_thresholds,
     member_paths,
     read_member,
+    shared_trunk_groups,
     split_kind,
 )
 from coco_multilabel.models.inference import predict_files
@@ -132,3 +134,41 @@ def test_predict_shows_what_the_ensemble_submits(runs, tiny_root, tmp_path):
 
 def test_a_run_folder_names_its_best_checkpoint(runs):
     assert member_paths(str(runs["sweep"] / "0")) == [runs["sweep"] / "0" / "checkpoints" / "best.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def top_folds(tiny_root, tmp_path_factory):
+    """Two folds of the default recipe's kind: the top stage and a CSRA head on one frozen trunk."""
+    cv_dir = tmp_path_factory.mktemp("top_folds")
+    shared = ["data.folds=2", f"data.folds_file={cv_dir / 'folds.json'}", "backbone=efficientnet_lite0",
+              "backbone.weights=null", "data.image_size=64", "schedule=top", "model.top_stages=1",
+              "model.head=csra", "model.tta=true", f"data.cache_dir={cv_dir / 'cache'}"]  # fmt: skip
+    for k in range(2):
+        cfg = compose_tiny(f"data.root={tiny_root}", f"run_dir={cv_dir / str(k)}", *shared, f"data.fold={k}")
+        run_job(cfg, train)
+    return [cv_dir / str(k) / "checkpoints" / "best.ckpt" for k in range(2)]
+
+
+def test_members_sharing_a_frozen_trunk_run_it_once(top_folds, runs, tiny_root, monkeypatch):
+    members = [read_member(p) for p in top_folds]
+    paths = list_images(tiny_root / "images" / "test")
+    alone = [predict_files(load_model(m.checkpoint), m.checkpoint, paths, **CPU)[0] for m in members]
+    assert not torch.allclose(alone[0], alone[1])  # the tops trained apart
+    calls = []
+    trunk = StagedBackbone.trunk
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))  # the batch's size (building a model runs it on one image)
+        return trunk(*args, **kwargs)
+
+    monkeypatch.setattr(StagedBackbone, "trunk", counted)
+    mean, kept = ensemble_probabilities(members, paths, **CPU)
+    assert kept.all()
+    torch.testing.assert_close(mean, (alone[0] + alone[1]) / 2, atol=1e-5, rtol=1e-4)
+    assert calls.count(len(paths)) == 2  # the images and their mirror images, once for both
+
+    # a fine-tuned trunk is not shared: the tiny folds trained their whole backbone
+    mixed = [*members, *(read_member(p) for p in runs["folds"])]
+    models = [load_model(m.checkpoint) for m in mixed]
+    assert shared_trunk_groups(mixed, models) == [[0, 1], [2], [3]]
+    assert shared_trunk_groups(mixed, models, image_size=48)[0] == [0, 1]

@@ -14,19 +14,24 @@ Members trained on different splits have no such images in common, and are refus
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
+from torch import nn
 
 from coco_multilabel.data.folds import folds_digest, read_folds
 from coco_multilabel.data.split import read_split
+from coco_multilabel.data.transforms import checkpoint_eval_transform
 from coco_multilabel.decisions.oof import HeldOut, oof_scores, out_of_fold
 from coco_multilabel.decisions.thresholds import tune
 from coco_multilabel.errors import UserError
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
-from coco_multilabel.models.inference import predict_files
+from coco_multilabel.models.classifier import MultiLabelClassifier
+from coco_multilabel.models.inference import checkpoint_image_size, predict_files
 from coco_multilabel.sweeps.job import read_result
 from coco_multilabel.sweeps.summary import collect
 
@@ -193,19 +198,78 @@ def ensemble_probabilities(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs, kept)`` as :func:`predict_files` returns them (rows of the readable images): the mean
     of the members' probabilities, each model at its own image size and resize mode (``image_size``
-    overrides them all), with its own TTA unless ``tta`` is given."""
-    total, kept = None, None
-    for number, member in enumerate(members, 1):
-        model = load_model(member.checkpoint, source=member.path)
+    overrides them all), with its own TTA unless ``tta`` is given. Members that share a frozen trunk
+    (the folds of the default recipe) decode each image and run the trunk on it once for all."""
+    models = [load_model(member.checkpoint, source=member.path) for member in members]
+    for model in models:
         if tta is not None:
             model.hparams.tta = tta
-        log.info("member %d of %d: %s", number, len(members), member.path)
-        probs, readable = predict_files(model, member.checkpoint, paths, image_size=image_size, **inference)
+    total, kept = None, None
+    for group in shared_trunk_groups(members, models, image_size):
+        names = ", ".join(str(members[i].path) for i in group)
+        log.info("%d of %d members, %s: %s", len(group), len(members),
+                 "one trunk" if len(group) > 1 else "alone", names)  # fmt: skip
+        model = SharedTrunk([models[i] for i in group]) if len(group) > 1 else models[group[0]]
+        probs, readable = predict_files(model, members[group[0]].checkpoint, paths, image_size=image_size,
+                                        **inference)  # fmt: skip
         full = torch.zeros(len(paths), probs.shape[1])
-        full[readable] = probs
+        full[readable] = probs * (len(group) if len(group) > 1 else 1)  # SharedTrunk gives the group's mean
         total = full if total is None else total + full
         kept = readable if kept is None else kept & readable
     return (total / len(members))[kept], kept
+
+
+class SharedTrunk(L.LightningModule):
+    """Members with one frozen trunk: its features (and its mirror image's) computed once a batch,
+    then each member's top and head on them, as validation runs them on the feature cache."""
+
+    def __init__(self, models: list[MultiLabelClassifier]):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def predict_step(self, batch, batch_idx):
+        images, lead = batch[0], self.members[0]
+        features = lead.trunk_features(images)
+        if any(m.hparams.tta for m in self.members):
+            features = torch.stack([features, lead.trunk_features(images.flip(-1))], 1)
+        return torch.stack([m.probabilities(features) for m in self.members]).mean(0)
+
+
+def shared_trunk_groups(
+    members: list[Member], models: list[MultiLabelClassifier], image_size: int | None = None
+) -> list[list[int]]:
+    """Indices of the members, grouped by trunk: the same input (size, resize mode), the same cut,
+    normalisation and precision, and equal trunk weights. A fine-tuned trunk is its own group."""
+    inputs = [trunk_input(m, model, image_size) for m, model in zip(members, models, strict=True)]
+    groups: list[list[int]] = []
+    for i, model in enumerate(models):
+        same = (g for g in groups if inputs[g[0]] == inputs[i] and same_trunk(models[g[0]], model))
+        if group := next(same, None):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def trunk_input(member: Member, model: MultiLabelClassifier, image_size: int | None) -> tuple:
+    size = image_size or checkpoint_image_size(member.checkpoint)
+    transform = repr(checkpoint_eval_transform(member.checkpoint, size))
+    cut = json.dumps(model.trunk_cut(), sort_keys=True)
+    return transform, cut, model.hparams.channels_last, type(model.backbone.model)
+
+
+def same_trunk(a: MultiLabelClassifier, b: MultiLabelClassifier) -> bool:
+    ta, tb = trunk_tensors(a), trunk_tensors(b)
+    if len(ta) != len(tb):
+        return False
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+def trunk_tensors(model: MultiLabelClassifier) -> list[torch.Tensor]:
+    """The backbone's weights and buffers below its top stages (all of them without a top)."""
+    top = model.backbone.top_modules(model.hparams.top_stages)
+    ids = {id(t) for module in top for t in (*module.parameters(), *module.buffers())}
+    return [t for t in model.backbone.state_dict(keep_vars=True).values() if id(t) not in ids]
 
 
 def check_same_folds_file(members: list[Member], folds_file: Path) -> None:
