@@ -22,19 +22,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
 from coco_multilabel.cli import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datasets import check_data_root, labelled_stems
 from coco_multilabel.data.folds import load_or_make_folds
-from coco_multilabel.data.labels import read_label_dir
+from coco_multilabel.data.label_index import load_label_index
 from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import save_probabilities
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from coco_multilabel.models.checkpoints import read_checkpoint
-from coco_multilabel.models.ensemble import check_same_folds_file, read_member
+from coco_multilabel.models.ensemble import fold_jobs
 from coco_multilabel.sweeps.job import read_result
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,12 @@ def run_folds(data: str, k: int, cv_dir: Path, overrides: list[str]) -> int:
     root = check_data_root(data)
     stems = labelled_stems(root)
     folds_file = cv_dir / "folds.json"
-    load_or_make_folds(folds_file, lambda: read_label_dir(root / "labels" / "train", stems), k, cfg.seed)
+
+    def labels_by_stem() -> dict[str, list[int]]:  # from the labels index every fold's run reads too
+        targets = load_label_index(root / "labels" / "train", cfg.data.cache_dir).targets_of(stems)
+        return {str(s): np.flatnonzero(t).tolist() for s, t in zip(stems, targets, strict=True)}
+
+    load_or_make_folds(folds_file, labels_by_stem, k, cfg.seed)
     command = [
         sys.executable, "-m", "coco_multilabel.train", f"data.root={data}", f"data.folds={k}",
         f"data.folds_file={folds_file}", f"hydra.sweep.dir={cv_dir}", *overrides,
@@ -88,22 +94,6 @@ def refit(data: str, k: int, cv_dir: Path, overrides: list[str], record: dict) -
     write_json_atomic(cv_dir / "cv.json", record, indent=1)
     write_text_atomic(cv_dir / "cv.md", markdown(record))
     return 0
-
-
-def fold_jobs(cv_dir: Path) -> tuple[list, list[str]]:
-    """The finished folds' best checkpoints as ensemble members, and what the others are."""
-    members, unfinished = [], []
-    for job in sorted(
-        (p for p in cv_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-    ):
-        result = read_result(job)
-        if result and result.get("status") == "done" and result.get("best_checkpoint"):
-            members.append(read_member(result["best_checkpoint"]))
-            members[-1].result = result
-        else:
-            unfinished.append(f"job {job.name}: {result.get('status') if result else 'not started'}")
-    check_same_folds_file(members, cv_dir / "folds.json")
-    return members, unfinished
 
 
 def oof_table(cv_dir: Path, seed: int = 0) -> dict:

@@ -24,6 +24,7 @@ from coco_multilabel.models.ensemble import (
     split_kind,
 )
 from coco_multilabel.models.inference import predict_files
+from coco_multilabel.reporting.report import report
 from coco_multilabel.submit import submit
 from coco_multilabel.sweeps.job import run_job
 from coco_multilabel.train import train
@@ -172,3 +173,13 @@ def test_members_sharing_a_frozen_trunk_run_it_once(top_folds, runs, tiny_root, 
     models = [load_model(m.checkpoint) for m in mixed]
     assert shared_trunk_groups(mixed, models) == [[0, 1], [2], [3]]
     assert shared_trunk_groups(mixed, models, image_size=48)[0] == [0, 1]
+
+
+def test_the_report_of_a_cv_folder_shows_its_out_of_fold_predictions(runs, tmp_path):
+    record = oof_table(runs["cv"])
+    path = report(runs["cv"], out=tmp_path / "report", progress=False)
+    page = path.read_text()
+    assert page.startswith("<!") and f"{record['images']} images from 2 fold models" in page
+    assert f"{record['score_xfit']:.4f}" in page and "out of fold" in page
+    for figure in ("per_class.png", "thresholds.png", "pr_curves.png", "worst_classes.png", "comparison.png"):
+        assert (tmp_path / "report" / figure).stat().st_size > 1000, figure

@@ -116,6 +116,22 @@ def cv_checkpoints(cv_dir: Path) -> list[Path]:
     return [jobs[f] for f in sorted(jobs)]
 
 
+def fold_jobs(cv_dir: Path) -> tuple[list, list[str]]:
+    """The finished folds' best checkpoints as ensemble members, and what the others are."""
+    members, unfinished = [], []
+    for job in sorted(
+        (p for p in cv_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    ):
+        result = read_result(job)
+        if result and result.get("status") == "done" and result.get("best_checkpoint"):
+            members.append(read_member(result["best_checkpoint"]))
+            members[-1].result = result
+        else:
+            unfinished.append(f"job {job.name}: {result.get('status') if result else 'not started'}")
+    check_same_folds_file(members, cv_dir / "folds.json")
+    return members, unfinished
+
+
 def sweep_checkpoints(sweep_dir: Path, top: int | None) -> list[Path]:
     """The ``top`` best finished jobs of a sweep by its objective (cross-fitted by default)."""
     if not top:

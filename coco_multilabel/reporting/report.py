@@ -31,12 +31,14 @@ from coco_multilabel.data.images import load_rgb
 from coco_multilabel.data.label_index import DEFAULT_CACHE_DIR, load_label_index
 from coco_multilabel.data.labels import to_multi_hot
 from coco_multilabel.data.split import read_split, split_image_paths
+from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities, save_probabilities
 from coco_multilabel.decisions.thresholds import count_table
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_bytes_atomic, write_text_atomic
 from coco_multilabel.metrics import per_class_table
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
+from coco_multilabel.models.ensemble import fold_jobs
 from coco_multilabel.models.inference import predict_files
 from coco_multilabel.reporting import plots
 from coco_multilabel.sweeps.job import read_result
@@ -67,7 +69,9 @@ def report(
             f"{target} is not a folder; give a run folder (outputs/train/<run>) or a sweep folder"
         )
     out = Path(out) if out else target / "report"
-    if is_run(target):
+    if (target / "folds.json").is_file():
+        title, sections = f"Cross-validation {target}", cv_sections(target, data_root)
+    elif is_run(target):
         title, sections = f"Run {target}", run_sections(target, data_root, out, progress)
     elif rows := collect(target):
         title, sections = f"Sweep {target}", sweep_sections(target, rows)
@@ -227,8 +231,15 @@ def validation_sections(run_dir: Path, root: Path, labels: dict, out: Path, prog
         return [
             Section("Validation", note("no checkpoints/best.ckpt yet: it appears after the first validation"))
         ]
+    targets = torch.stack([to_multi_hot(labels[s]) for s in saved["stems"]])
+    return prediction_sections(saved, targets, root, "val, best checkpoint", "on val")
+
+
+def prediction_sections(
+    saved: dict, targets: torch.Tensor, root: Path, what: str, tuned_on: str
+) -> list[Section]:
+    """Per-class scores, the threshold curve, PR curves and the worst classes of saved probabilities."""
     stems, probs, thresholds = saved["stems"], saved["probs"], saved["thresholds"]
-    targets = torch.stack([to_multi_hot(labels[s]) for s in stems])
     rows = per_class_table(probs > thresholds, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
     counts = count_table(probs, targets)
     tuning = saved.get("threshold_tuning") or {}
@@ -236,7 +247,7 @@ def validation_sections(run_dir: Path, root: Path, labels: dict, out: Path, prog
     ranked = sorted(rows, key=lambda r: r["f1"], reverse=True)
     return [
         figure_section(
-            "Per-class precision, recall and F1 (val, best checkpoint)",
+            f"Per-class precision, recall and F1 ({what})",
             "per_class.png",
             plots.per_class_figure(rows),
             f"<details><summary>table</summary>{table(ranked)}</details>",
@@ -247,7 +258,7 @@ def validation_sections(run_dir: Path, root: Path, labels: dict, out: Path, prog
             plots.threshold_figure(probs, targets, chosen, tuning.get("objective", "macro_f1"), counts),
             note(
                 f"thresholds: {tuning.get('mode', 'untuned (0.5)')}, chosen "
-                f"{chosen} maximising {tuning.get('objective', '-')} on val"
+                f"{chosen} maximising {tuning.get('objective', '-')} {tuned_on}"
             ),
         ),
         figure_section(
@@ -255,7 +266,12 @@ def validation_sections(run_dir: Path, root: Path, labels: dict, out: Path, prog
             "pr_curves.png",
             plots.pr_curves_figure(probs, targets, COCO_CLASSES, counts=counts),
         ),
-        worst_classes(root, stems, probs, targets, thresholds, rows),
+        worst_classes(root, stems, probs, targets, thresholds, rows)
+        if root is not None
+        else Section(
+            "Worst classes",
+            note("the data root is unknown or missing: pass --data DIR (make report ... DATA=DIR)"),
+        ),
     ]
 
 
@@ -376,6 +392,27 @@ def sweep_sections(sweep_dir: Path, rows: list[dict]) -> list[Section]:
             figure_section(f"{objective} per epoch", "curves.png", plots.curves_figure(curves, objective))
         )
     return sections
+
+
+def cv_sections(cv_dir: Path, data_root: str | None) -> list[Section]:
+    """A ``make cv`` folder: its folds compared, then what the out-of-fold probabilities show (each
+    labelled image as predicted by the fold model that did not train on it, at the OOF thresholds)."""
+    rows = collect(cv_dir)
+    sections = sweep_sections(cv_dir, rows) if rows else []
+    members, unfinished = fold_jobs(cv_dir)
+    if not members:
+        return [*sections, Section("Out of fold", note("no fold is finished yet"))]
+    stems, probs, targets = out_of_fold([m.held_out() for m in members])
+    scores = oof_scores(probs, targets, members[0].checkpoint.get("threshold_tuning") or {})
+    saved = {"stems": stems, "probs": probs, "thresholds": torch.tensor(scores["thresholds"]),
+             "threshold_tuning": scores["tuning"]}  # fmt: skip
+    missing = f"; not finished: {'; '.join(unfinished)}" if unfinished else ""
+    sections.append(Section("Out of fold", note(
+        f"{len(stems)} images from {len(members)} fold models{missing}. {scores['objective']} cross-fitted: "
+        f"{scores['score_xfit']:.4f} ({scores['mode']} thresholds)"
+    )))  # fmt: skip
+    root = find_data_root(members[0].path.parent.parent, data_root)  # <fold>/checkpoints/best.ckpt
+    return [*sections, *prediction_sections(saved, targets, root, "out of fold", "on the out-of-fold images")]
 
 
 # --- HTML -----------------------------------------------------------------------------------------
