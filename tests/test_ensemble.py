@@ -175,9 +175,9 @@ def test_members_sharing_a_frozen_trunk_run_it_once(top_folds, runs, tiny_root, 
     assert shared_trunk_groups(mixed, models, image_size=48)[0] == [0, 1]
 
 
-def test_the_report_of_a_cv_folder_shows_its_out_of_fold_predictions(runs, tmp_path):
+def test_the_report_of_a_cv_folder_shows_its_out_of_fold_predictions(runs, tiny_root, tmp_path):
     record = oof_table(runs["cv"])
-    path = report(runs["cv"], out=tmp_path / "report", progress=False)
+    path = report(runs["cv"], str(tiny_root), out=tmp_path / "report", progress=False)
     page = path.read_text()
     assert page.startswith("<!") and f"{record['images']} images from 2 fold models" in page
     assert f"{record['score_xfit']:.4f}" in page and "out of fold" in page
