@@ -63,8 +63,8 @@ submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt D
 predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]
 	@$(PY) -m coco_multilabel.predict $(CKPT) $(IMAGE) $(if $(TOP),--top-jobs $(TOP)) $(ARGS)
 
-evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt) [ARGS=only_predicted=true]
-	@$(PY) -m coco_multilabel.evaluate $(if $(PRED),predictions=$(PRED)) $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
+evaluate: install  ## make evaluate PRED=submission.json LABELS=<folder of .cls files>  (or PROBS=x.probs.pt; PRED=a.json,b.json compares) [ARGS=only_predicted=true]
+	@$(PY) -m coco_multilabel.evaluate $(if $(PRED),"predictions='$(PRED)'") $(if $(PROBS),probs=$(PROBS)) labels=$(LABELS) $(ARGS)
 
 bench: install  ## make bench [BENCH_DATA=../shared/coco-dev] [ARGS="--budget-minutes 5"]; writes outputs/bench/bench.md
 	$(PY) -m coco_multilabel.bench.speed --data $(BENCH_DATA) $(ARGS)

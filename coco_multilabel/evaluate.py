@@ -6,7 +6,9 @@ and prints every metric of metrics.py with a per-class table (also written to ``
 instead of requiring one for every label file. Given the probabilities saved by
 ``submit.save_probs=true`` instead, it also prints average precision and what 0.5, a tuned global
 threshold and tuned per-class thresholds score, each tuned on these labels and cross-fitted:
-thresholds re-tuned without re-running the network.
+thresholds re-tuned without re-running the network. Several JSONs (``predictions=a.json,b.json``)
+are compared on the same images: each one's scores, and its macro F1 minus the first one's with a
+95% paired-bootstrap interval, so that a difference the images cannot tell apart reads as such.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.decisions.submission import parse_submission_file, read_submission
 from coco_multilabel.decisions.thresholds import evaluate_thresholds
 from coco_multilabel.errors import UserError
-from coco_multilabel.metrics import label_scores, mean_average_precision, per_class_table
+from coco_multilabel.metrics import label_scores, mean_average_precision, paired_bootstrap, per_class_table
 from coco_multilabel.reporting.tables import format_rows, format_scores, write_csv
 
 
@@ -46,15 +48,46 @@ def label_index(labels, cache_dir=DEFAULT_CACHE_DIR):
 def evaluate_predictions(
     predictions, labels, only_predicted: bool = False, cache_dir=DEFAULT_CACHE_DIR
 ) -> tuple[dict, list[dict]]:
+    stems, targets = scored_images(predictions, labels, only_predicted, cache_dir)
+    preds = hard_labels(predictions, stems, only_predicted)
+    return label_scores(preds, targets), per_class_table(preds, targets, COCO_CLASSES)
+
+
+def scored_images(predictions, labels, only_predicted: bool, cache_dir) -> tuple[list[str], torch.Tensor]:
+    """The stems to score and their N x C targets: every label file's, or (``only_predicted``) the
+    images the JSON names, each of which must have a label file."""
     index = label_index(labels, cache_dir)
-    # only_predicted: the JSON names the images to score; each must have a label file
     stems = sorted(parse_submission_file(predictions)) if only_predicted else index.stems.tolist()
-    targets = torch.from_numpy(index.targets_of(stems)).float()
     if not stems:
         raise UserError(f"label folder {labels} holds no .cls files")
+    return stems, torch.from_numpy(index.targets_of(stems)).float()
+
+
+def hard_labels(predictions, stems: list[str], only_predicted: bool) -> torch.Tensor:
     predicted = read_submission(predictions, stems, hint_subset=not only_predicted)
-    preds = torch.stack([to_multi_hot(predicted[s]) for s in stems])
-    return label_scores(preds, targets), per_class_table(preds, targets, COCO_CLASSES)
+    return torch.stack([to_multi_hot(predicted[s]) for s in stems])
+
+
+def compare_predictions(
+    files: list[str], labels, only_predicted: bool = False, cache_dir=DEFAULT_CACHE_DIR, draws: int = 2000
+) -> list[dict]:
+    """One row per predictions JSON: its scores and its macro F1 against the first one's, with a
+    95% interval and how often it is higher, over ``draws`` paired resamples of the images."""
+    stems, targets = scored_images(files[0], labels, only_predicted, cache_dir)
+    preds = [hard_labels(file, stems, only_predicted) for file in files]
+    boot = paired_bootstrap(preds, targets, draws)
+    rows = []
+    for i, (file, p) in enumerate(zip(files, preds, strict=True)):
+        scores, diff = label_scores(p, targets), boot[:, i] - boot[:, 0]
+        low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
+        first = i == 0
+        rows.append({
+            "predictions": str(file), "macro_f1": scores["macro_f1"], "micro_f1": scores["micro_f1"],
+            "minus first": None if first else scores["macro_f1"] - rows[0]["macro_f1"],
+            "95% interval": None if first else f"[{low:+.3f}, {high:+.3f}]",
+            "higher in": None if first else f"{float((diff > 0).double().mean()):.0%} of resamples",
+        })  # fmt: skip
+    return rows
 
 
 def evaluate_probabilities(probs_file, labels, objective: str = "macro_f1", min_positives: int = 5,
@@ -86,6 +119,12 @@ def main(cfg: DictConfig) -> None:
         raise UserError(
             "give exactly one of predictions=<submission JSON> or probs=<file from submit.save_probs>"
         )
+    files = [f.strip() for f in str(cfg.predictions or "").split(",") if f.strip()]
+    if len(files) > 1:
+        print(format_rows(compare_predictions(files, cfg.labels, cfg.only_predicted, cfg.cache_dir)))
+        print(f"{len(files)} predictions of the same images against {cfg.labels}; 95% interval: of the "
+              "macro F1 difference to the first, over 2,000 resamples of the images")  # fmt: skip
+        return
     source = Path(cfg.predictions or cfg.probs)
     if cfg.predictions:
         scores, table = evaluate_predictions(cfg.predictions, cfg.labels, cfg.only_predicted, cfg.cache_dir)

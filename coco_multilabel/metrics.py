@@ -110,6 +110,24 @@ def label_scores(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]
     return scores_from_counts(class_counts(preds, targets))
 
 
+def paired_bootstrap(preds: list[torch.Tensor], targets: torch.Tensor, draws: int = 2000, seed: int = 0,
+                     metric: str = "macro_f1") -> torch.Tensor:  # fmt: skip
+    """``metric`` of each 0/1 prediction (N x C) on ``draws`` resamples of the N images, drawn with
+    replacement, the same resamples for all: draws x len(preds). Differences between columns are
+    paired, so two predictions of the same images are compared on the same luck."""
+    n = targets.shape[0]
+    picks = torch.randint(n, (draws, n), generator=torch.Generator().manual_seed(seed))
+    weights = torch.zeros(draws, n, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones(draws, n, dtype=torch.float64)
+    )  # how often each image is drawn
+    t = targets.bool()
+    columns = []
+    for p in map(torch.Tensor.bool, preds):
+        per_image = torch.stack([p & t, p & ~t, ~p & t], -1).double()  # N x C x (TP, FP, FN)
+        columns.append(score_tensors(torch.einsum("bn,nck->bck", weights, per_image))[metric])
+    return torch.stack(columns, 1)
+
+
 def average_precision(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-class AP (NaN for classes without positives)."""
     ap = multilabel_average_precision(probs, targets.long(), num_labels=targets.shape[1], average=None)

@@ -1,10 +1,18 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from coco_multilabel.evaluate import evaluate
-from coco_multilabel.metrics import PresentClassesAP, label_scores, mean_average_precision, per_class_table
+from coco_multilabel.evaluate import compare_predictions, evaluate
+from coco_multilabel.metrics import (
+    PresentClassesAP,
+    label_scores,
+    mean_average_precision,
+    paired_bootstrap,
+    per_class_table,
+)
 
 # 4 images, 3 classes; class 2 has no positives (and one false positive).
 TARGETS = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 0, 0]])
@@ -64,3 +72,45 @@ def test_evaluate_a_hand_made_submission_counts_absent_classes_as_zero(tmp_path)
     assert scores["macro_precision"] == pytest.approx((1 + 0 + 0.5) / 80)
     assert scores["macro_recall"] == pytest.approx((1 + 0 + 1) / 80)
     assert scores["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))  # TP 3, FP 2, FN 1
+
+
+def test_paired_bootstrap_scores_each_resample_of_the_images_the_same_for_every_prediction():
+    better = TARGETS.clone()  # right on every image
+    boot = paired_bootstrap([PREDS, better], TARGETS, draws=50, seed=3)
+    picks = torch.randint(4, (50, 4), generator=torch.Generator().manual_seed(3))
+    for b in (0, 17, 49):  # each column is the metric of those very images, drawn with replacement
+        rows = picks[b]
+        assert boot[b, 0] == pytest.approx(label_scores(PREDS[rows], TARGETS[rows])["macro_f1"])
+        assert boot[b, 1] == pytest.approx(label_scores(better[rows], TARGETS[rows])["macro_f1"])
+    assert (boot[:, 1] >= boot[:, 0]).all()  # paired: the better one never loses on the same images
+
+
+def test_evaluate_compares_several_predictions_on_the_same_images(tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    stems = [f"{i:012d}" for i in range(40)]
+    for i, stem in enumerate(stems):
+        (labels / f"{stem}.cls").write_text(f"{i % 3}\n")
+    right = {s: [i % 3] for i, s in enumerate(stems)}
+    half_wrong = {s: [i % 3 if i % 2 else (i + 1) % 3] for i, s in enumerate(stems)}
+    for name, preds in (("right", right), ("half", half_wrong)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(preds))
+    rows = compare_predictions([tmp_path / "half.json", tmp_path / "right.json"], labels, draws=200)
+    assert [r["macro_f1"] for r in rows] == [
+        pytest.approx(evaluate(tmp_path / f"{n}.json", labels)["macro_f1"]) for n in ("half", "right")
+    ]
+    assert rows[0]["minus first"] is None
+    assert rows[1]["minus first"] == pytest.approx(rows[1]["macro_f1"] - rows[0]["macro_f1"])
+    assert rows[1]["minus first"] > 0
+    assert rows[1]["higher in"] == "100% of resamples"
+    low, high = (float(x) for x in rows[1]["95% interval"].strip("[]").split(","))
+    assert 0 < low <= rows[1]["minus first"] <= high
+    # the command line, quoted as make evaluate PRED=a,b quotes it
+    result = subprocess.run(
+        [sys.executable, "-m", "coco_multilabel.evaluate",
+         f"predictions='{tmp_path / 'half.json'},{tmp_path / 'right.json'}'", f"labels={labels}",
+         f"cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 predictions of the same images" in result.stdout and "100% of resamples" in result.stdout
