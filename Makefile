@@ -54,8 +54,8 @@ cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [REFIT=t
 sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
 	@$(PY) -m coco_multilabel.sweeps.summary $(DIR)
 
-report: install  ## make report RUN=outputs/train/<run> (or a sweep folder) [DATA=...]: <RUN>/report/report.html
-	$(PY) -m coco_multilabel.report $(RUN) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(ARGS)
+report: install  ## make report RUN=outputs/train/<run> (a sweep or make cv folder; a.ckpt,b.ckpt or a sweep with TOP=n: an ensemble) [DATA=...]
+	$(PY) -m coco_multilabel.report $(RUN) $(if $(TOP),--top $(TOP)) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(ARGS)
 
 submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json; CKPT=a,b / a make cv DIR / a sweep dir with TOP=n: an ensemble
 	$(PY) -m coco_multilabel.submit "ckpt_path='$(CKPT)'" data.root=$(DATA) output=$(OUT) $(if $(TOP),submit.top=$(TOP)) $(ARGS)

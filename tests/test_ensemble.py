@@ -183,3 +183,20 @@ def test_the_report_of_a_cv_folder_shows_its_out_of_fold_predictions(runs, tiny_
     assert f"{record['score_xfit']:.4f}" in page and "out of fold" in page
     for figure in ("per_class.png", "thresholds.png", "pr_curves.png", "worst_classes.png", "comparison.png"):
         assert (tmp_path / "report" / figure).stat().st_size > 1000, figure
+
+
+def test_the_report_of_an_ensemble_shows_its_members_and_their_mean_at_submits_thresholds(runs, tiny_root):
+    members = [read_member(p) for p in runs["same"]]
+    thresholds, tuning = ensemble_thresholds(members)
+    listed = report(",".join(map(str, runs["same"])), str(tiny_root), progress=False)
+    assert listed == runs["sweep"] / "report-ensemble" / "report.html"  # beside the members' runs
+    top = report(runs["sweep"], str(tiny_root), progress=False, top=2)
+    assert top == runs["sweep"] / "report-top2" / "report.html"
+    for page in (listed.read_text(), top.read_text()):
+        assert "Ensemble of 2 models" in page and "val, mean of 2 models" in page
+        assert all(str(p) in page for p in runs["same"])
+        assert f"chosen {tuning['global_threshold']}" in page  # the threshold make submit applies
+    for figure in ("per_class.png", "thresholds.png", "pr_curves.png", "worst_classes.png"):
+        assert (runs["sweep"] / "report-top2" / figure).stat().st_size > 1000, figure
+    with pytest.raises(UserError, match="different splits"):
+        report(f"{runs['same'][0]},{runs['other']}", str(tiny_root), progress=False)

@@ -182,18 +182,11 @@ def ensemble_thresholds(members: list[Member], seed: int = 0) -> tuple[torch.Ten
     tuning = first.checkpoint.get("threshold_tuning")
     if kind == "single" or tuning is None:
         return first.checkpoint["state_dict"]["thresholds"].float(), tuning
-    held = [m.held_out() for m in members]
+    _, probs, targets = held_out_probabilities(members, kind)
     if kind == "folds":
-        _, probs, targets = out_of_fold(held)
         record = oof_scores(probs, targets, tuning, seed)["tuning"]
         log.info("thresholds tuned on the out-of-fold probabilities of %d images", len(probs))
         return torch.tensor(record["thresholds"]), record
-    if any(h.stems != held[0].stems for h in held):
-        raise UserError(
-            f"{first.path} and the other members hold different val images; retrain them on one split"
-        )
-    probs = torch.stack([h.probs.float() for h in held]).mean(0)
-    targets = held[0].targets
     kwargs = {
         k: tuning[k] for k in ("min_positives", "shrinkage") if k in tuning and tuning["mode"] != "global"
     }
@@ -203,6 +196,22 @@ def ensemble_thresholds(members: list[Member], seed: int = 0) -> tuple[torch.Ten
               "global_threshold": chosen.global_threshold, "score_tuned": chosen.score,
               "tuned_on": f"shared val, mean of {len(members)} models"}  # fmt: skip
     return chosen.thresholds.float(), record
+
+
+def held_out_probabilities(
+    members: list[Member], kind: str | None = None
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``(stems, probs, targets)`` of the ensemble on the images none of its members trained on:
+    out of fold for folds, the mean of the members' val probabilities for models of one split."""
+    kind = kind or split_kind(members)
+    held = [m.held_out() for m in members]
+    if kind == "folds":
+        return out_of_fold(held)
+    if any(h.stems != held[0].stems for h in held):
+        raise UserError(
+            f"{members[0].path} and the other members hold different val images; retrain them on one split"
+        )
+    return held[0].stems, torch.stack([h.probs.float() for h in held]).mean(0), held[0].targets
 
 
 def ensemble_probabilities(

@@ -3,7 +3,9 @@
 One self-contained ``report.html`` (figures embedded) and the PNGs behind it, in ``<dir>/report/``:
 for a run its learning curves, per-class precision/recall/F1, the threshold curve, class frequency
 in train and val, the worst classes with example false positives and negatives, and its config;
-for a sweep a table and plots across its jobs. A run that is still going is reported as far as it
+for a sweep a table and plots across its jobs; for an ensemble (several checkpoints, a sweep's
+``top`` best jobs) its members and the same figures of the mean of their probabilities on the images
+none of them trained on, at the thresholds submit uses. A run that is still going is reported as far as it
 got; what cannot be drawn yet (no ``best.ckpt``, no data root) is replaced by a note saying why.
 
 The val predictions are made by the code submit uses (``models/inference.py``) and kept in
@@ -16,6 +18,7 @@ import base64
 import csv
 import html
 import logging
+import os
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -38,7 +41,14 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_bytes_atomic, write_text_atomic
 from coco_multilabel.metrics import per_class_table
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
-from coco_multilabel.models.ensemble import fold_jobs
+from coco_multilabel.models.ensemble import (
+    ensemble_thresholds,
+    fold_jobs,
+    held_out_probabilities,
+    member_paths,
+    read_member,
+    split_kind,
+)
 from coco_multilabel.models.inference import predict_files
 from coco_multilabel.reporting import plots
 from coco_multilabel.sweeps.job import read_result
@@ -60,9 +70,19 @@ class Section:
 
 
 def report(
-    target: str | Path, data_root: str | None = None, out: str | Path | None = None, progress: bool = True
+    target: str | Path,
+    data_root: str | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    top: int | None = None,
 ) -> Path:
-    """Write the report of a run or a sweep directory; return the path of its ``report.html``."""
+    """Write the report of a run, a sweep or a cv folder, or of an ensemble (checkpoints separated
+    by commas, a sweep folder with ``top``); return the path of its ``report.html``."""
+    if top or "," in str(target):
+        members = [read_member(path) for path in member_paths(str(target), top)]
+        out = Path(out) if out else ensemble_folder(members, target, top)
+        title, sections = f"Ensemble of {len(members)} models", ensemble_sections(members, data_root)
+        return write_report(out, title, sections)
     target = Path(target)
     if not target.is_dir():
         raise UserError(
@@ -77,6 +97,10 @@ def report(
         title, sections = f"Sweep {target}", sweep_sections(target, rows)
     else:
         raise UserError(f"{target} is neither a run folder (no split.json, .hydra/) nor a sweep folder")
+    return write_report(out, title, sections)
+
+
+def write_report(out: Path, title: str, sections: list[Section]) -> Path:
     for section in sections:
         if section.png is not None:
             write_bytes_atomic(out / section.figure, section.png)
@@ -413,6 +437,36 @@ def cv_sections(cv_dir: Path, data_root: str | None) -> list[Section]:
     )))  # fmt: skip
     root = find_data_root(members[0].path.parent.parent, data_root)  # <fold>/checkpoints/best.ckpt
     return [*sections, *prediction_sections(saved, targets, root, "out of fold", "on the out-of-fold images")]
+
+
+# --- an ensemble -----------------------------------------------------------------------------------
+
+
+def ensemble_folder(members: list, target, top: int | None) -> Path:
+    """``<sweep>/report-top<n>``, or ``report-ensemble`` in the folder holding the members' runs."""
+    if top:
+        return Path(target) / f"report-top{top}"
+    runs = [m.path.resolve().parent.parent for m in members]  # <run>/checkpoints/best.ckpt
+    return Path(os.path.commonpath(runs)) / "report-ensemble"
+
+
+def ensemble_sections(members: list, data_root: str | None) -> list[Section]:
+    """The members, then the figures of the ensemble's probabilities on the images none of them
+    trained on (out of fold, or a shared val split) at the thresholds ``make submit`` uses: the
+    same numbers submit tunes its thresholds on, with no inference."""
+    kind = split_kind(members)
+    stems, probs, targets = held_out_probabilities(members, kind)
+    thresholds, tuning = ensemble_thresholds(members)
+    rows = []
+    for m in members:
+        run_tuning = m.checkpoint.get("threshold_tuning") or {}
+        rows.append({"member": str(m.path), "fold": m.fold, "its own val images": len(m.held_out().stems),
+                     "its objective": run_tuning.get("score_xfit")})  # fmt: skip
+    what = "out of fold" if kind == "folds" else f"val, mean of {len(members)} models"
+    body = table(rows) + note(f"{len(stems)} images held out of every member ({what})")
+    saved = {"stems": stems, "probs": probs, "thresholds": thresholds, "threshold_tuning": tuning}
+    root = find_data_root(members[0].path.parent.parent, data_root)
+    return [Section("Members", body), *prediction_sections(saved, targets, root, what, "on these images")]
 
 
 # --- HTML -----------------------------------------------------------------------------------------
