@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coco_multilabel.bench.holdout import hold_out
 from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.data.folds import load_or_make_folds, make_folds, repair, stratified_folds
 from coco_multilabel.errors import UserError
@@ -152,3 +153,31 @@ def test_the_datamodule_trains_on_the_other_folds_and_validates_on_its_own(tiny_
     dm = datamodule(2, 1)
     with pytest.raises(UserError, match="is the split of data.folds=3 data.fold=1"):
         dm.setup("fit")
+
+
+def test_a_held_out_fold_becomes_a_labelled_test_set_of_links(tiny_root, tmp_path):
+    labels = {
+        p.stem: [int(x) for x in p.read_text().split()]
+        for p in (tiny_root / "labels" / "train").glob("*.cls")
+    }
+    folds = make_folds(labels, 3, seed=0)
+    (tmp_path / "folds.json").write_text(json.dumps(folds))
+    out = tmp_path / "held"
+    counts = hold_out(tiny_root, tmp_path / "folds.json", 1, out)
+    train = {p.stem for p in (out / "images" / "train").iterdir()}
+    test = {p.stem for p in (out / "images" / "test").iterdir()}
+    assert test == set(folds["folds"][1]) == {p.stem for p in (out / "test-labels").iterdir()}
+    assert train == set(labels) - test == {p.stem for p in (out / "labels" / "train").iterdir()}
+    assert counts == {"train": len(train), "test": len(test)}
+    stem = sorted(test)[0]
+    link = out / "test-labels" / f"{stem}.cls"
+    assert (
+        link.is_symlink() and link.read_text() == (tiny_root / "labels" / "train" / f"{stem}.cls").read_text()
+    )
+    with pytest.raises(UserError, match="exists"):
+        hold_out(tiny_root, tmp_path / "folds.json", 0, out)
+    folds["folds"][0].append("000000999999")  # drawn on other data
+    (tmp_path / "other.json").write_text(json.dumps(folds))
+    with pytest.raises(UserError, match="drawn on other data"):
+        hold_out(tiny_root, tmp_path / "other.json", 0, tmp_path / "other")
+    assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other*"))
