@@ -8,7 +8,8 @@ and ``oof.probs.pt``: every labelled image predicted by the fold model that did 
 the metric suite on all of them, thresholds tuned on them (global and per class) and cross-fitted,
 and the rarest classes' F1. ``make submit CKPT=CV_DIR`` then averages the fold models. ``--refit``
 also trains one model on every labelled image for the epochs the folds chose, with the out-of-fold
-thresholds (``CV_DIR/refit/checkpoints/refit.ckpt``).
+thresholds (``CV_DIR/refit/checkpoints/refit.ckpt``). Without an ``experiment=`` override the folds
+train the documented best recipe, ``experiment=leaderboard``: the default recipe on EfficientNet-Lite2.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ from coco_multilabel.models.ensemble import fold_jobs
 from coco_multilabel.sweeps.job import read_result
 
 log = logging.getLogger(__name__)
+
+LEADERBOARD = "experiment=leaderboard"  # the documented best recipe (conf/experiment/leaderboard.yaml)
+
+
+def with_recipe(overrides: list[str]) -> list[str]:
+    """``experiment=leaderboard`` first, unless the overrides name (or remove) an experiment."""
+    if any(o.lstrip("~+").startswith("experiment") for o in overrides):
+        return list(overrides)
+    return [LEADERBOARD, *overrides]
 
 
 def run_folds(data: str, k: int, cv_dir: Path, overrides: list[str]) -> int:
@@ -189,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="train overrides, as in make train ARGS=...")
     args = parser.parse_args(argv)
+    args.overrides = with_recipe(args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cv_dir = Path(args.dir or time.strftime("outputs/cv/%Y-%m-%d_%H-%M-%S")).resolve()
     status = 0

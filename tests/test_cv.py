@@ -89,3 +89,20 @@ def test_a_killed_cv_resumes_its_unfinished_fold_and_its_oof_rows_come_from_held
     )
     assert len(json.loads(out.read_text())) == 8
     assert f"make submit CKPT={refit['checkpoint']}" in (cv_dir / "cv.md").read_text()
+
+
+def test_make_cv_trains_the_leaderboard_recipe_unless_told_another():
+    from hydra import compose, initialize_config_dir
+
+    from coco_multilabel.cli import CONFIG_DIR
+    from coco_multilabel.cv import with_recipe
+
+    assert with_recipe(["backbone.weights=null"]) == ["experiment=leaderboard", "backbone.weights=null"]
+    for named in (["experiment=lp_ft"], ["~experiment"], tiny()):
+        assert with_recipe(named) == named
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=leaderboard"])  # the default recipe on Lite2
+        default = compose("train")
+    assert cfg.backbone.name == "efficientnet_lite2" and default.backbone.name == "efficientnet_lite0"
+    for group in ("model", "schedule", "optimizer", "data"):
+        assert cfg[group] == default[group], group
