@@ -48,7 +48,7 @@ tensorboard: install  ## make tensorboard [ARGS="--port 6007 --bind_all"]: every
 sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=resnet50" (a grid of conf/sweep/)
 	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
 
-cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [REFIT=true] [ARGS=...]: K folds, then DIR/cv.md (out-of-fold)
+cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [REFIT=true] [ARGS=...]: K folds of experiment=leaderboard (ARGS=experiment=... for another), then DIR/cv.md
 	$(PY) -m coco_multilabel.cv --data $(DATA) --folds $(K) $(if $(DIR),--dir $(DIR)) $(if $(filter true,$(REFIT)),--refit) $(ARGS)
 
 sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
