@@ -14,7 +14,7 @@ MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the out
 SWEEP ?= backbones
 K ?= 5
 
-.PHONY: bench-scale ablation install demo test data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
+.PHONY: bench-scale ablation install demo test test-all data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install  ## synthetic data -> train the default backbone -> submission JSON, in a few minutes
 	$(PY) -m coco_multilabel.demo $(ARGS)
 
-test: install
+test: install  ## the fast tier: unit tests and small end-to-end runs, a few minutes
+	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
+
+test-all: install  ## every test: also those that train, spawn DDP processes, kill runs, or need Slurm
 	$(PY) -m pytest -q $(ARGS)
 
 data: install  ## make data ZIP=ms-coco.zip [DATA=data/ms-coco]: unpack the challenge archive, then check it
