@@ -3,13 +3,13 @@ weights its jobs need can be had, so a sweep never fails in job 7 for a reason k
 
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
 import sys
 from pathlib import Path
 
 from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the sweeper's own expansion
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -23,18 +23,11 @@ HUBS = {"torchvision": "download.pytorch.org", "timm": "huggingface.co"}
 
 
 def expand_jobs(config: DictConfig) -> list[list[str]]:
-    """Each job's overrides, in Hydra's order (its basic sweeper: the grid of ``hydra.sweeper.params``
-    then of the command line's comma lists, one job per combination)."""
+    """Each job's overrides, in Hydra's order: its basic sweeper's own expansion of the grid of
+    ``hydra.sweeper.params`` then of the command line's comma lists, one job per combination."""
     params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-    axes = {}
-    for override in parsed:
-        key = override.get_key_element()
-        if override.is_sweep_override():
-            axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-        else:
-            axes[key] = [f"{key}={override.get_value_element_as_str()}"]
-    return [list(job) for job in itertools.product(*axes.values())]
+    return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
 def hub_download(backbone: dict) -> str | None:
