@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from coco_multilabel.bench.loader import loader_table
 from coco_multilabel.cli import CONFIG_DIR
 from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.io import write_text_atomic
@@ -228,6 +229,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="training steps per throughput figure")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="the default recipe's budget")
+    parser.add_argument("--loader-images", type=int, default=300, help="photos per loader measurement")
+    parser.add_argument("--loader-only", action="store_true", help="only the loader table (a minute)")
     parser.add_argument("--only-model-step", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -236,6 +239,14 @@ def main() -> None:
         print(model_step_rate(config(args.data, size, PLAIN), args.steps))
         return
     out = Path(args.out)
+    command = " ".join(["python -m coco_multilabel.bench.speed", *sys.argv[1:]])
+    header = f"`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}\n\n"
+    loader = "## What one loader worker delivers\n\n" + loader_table(args.data, args.loader_images)
+    print(loader, flush=True)
+    if args.loader_only:
+        path = write_text_atomic(out / "loader.md", "# make bench: the loader\n\n" + header + loader)
+        print(f"written to {path}")
+        return
     rows = []
 
     def add(what, value, note=""):
@@ -276,9 +287,7 @@ def main() -> None:
         "| --- | ---: | --- |",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
     ]
-    command = " ".join(["python -m coco_multilabel.bench.speed", *sys.argv[1:]])
-    text = f"# make bench\n\n`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}\n\n"
-    text += "\n".join(table) + "\n"
+    text = "# make bench\n\n" + header + "\n".join(table) + "\n\n" + loader
     print(f"written to {write_text_atomic(out / 'bench.md', text)}")
 
 

@@ -15,7 +15,12 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import metric_collection
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
 from coco_multilabel.models.registry import check_model_configs
-from coco_multilabel.training.precision import check_eval_precision, eval_autocast, float32_head
+from coco_multilabel.training.precision import (
+    check_eval_precision,
+    check_ranks_agree,
+    eval_autocast,
+    float32_head,
+)
 from coco_multilabel.training.schedule import Phase
 
 HEADS = ("linear", "csra")
@@ -122,6 +127,9 @@ class MultiLabelClassifier(L.LightningModule):
             for module in self._top_modules():
                 module.train(mode)
         return self
+
+    def setup(self, stage: str) -> None:
+        check_ranks_agree(self.trainer)
 
     def on_fit_start(self) -> None:
         """A loss weighted by class frequency (``PositiveWeightedBCE``) learns them from the train split."""

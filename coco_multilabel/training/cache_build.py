@@ -4,13 +4,13 @@
 needs: under DDP each rank reads one contiguous block of them and writes its rows, by dataset
 index, into the arrays rank 0 created; rank 0 then puts the ranks' lists of written rows together
 and renames the finished folder into place. A file lock held by rank 0 from the check to the
-rename makes a concurrent sweep job building the same cache wait and reuse it. On GPUs the trunk
-runs under bf16 autocast (fp16 where bf16 is not supported), on CPUs in float32, as before.
+rename makes a concurrent sweep job building the same cache wait and reuse it. The trunk runs at
+the model's ``eval_precision`` (by default the trainer's: bf16 on GPUs that have it, fp16 on older
+ones, float32 on CPUs), as validation and submit compute it from images.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -34,6 +34,7 @@ from coco_multilabel.data.feature_cache import (
 )
 from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
+from coco_multilabel.training.precision import check_ranks_agree
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
     if datamodule.train_features is not None:
         return
     datamodule.setup("fit")
+    datamodule.trainer = trainer  # as fit will: its default workers split the cores among the ranks
     request = datamodule.cache_request()
     if trainer.world_size > 1 or not is_complete(request.folder):
         log.info(
@@ -108,6 +110,7 @@ class CacheBuilder(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Rank 0 decides, under the lock, whether to build, and creates the arrays; all ranks learn it."""
+        check_ranks_agree(self.trainer)
         plan = None
         if self.trainer.is_global_zero:
             self.lock = cache_lock(self.request.folder)
@@ -150,20 +153,10 @@ class CacheBuilder(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         images, _, _, indices = batch
-        with self._autocast():
-            features = self.model.trunk_features(images)
-            flipped = self.model.trunk_features(images.flip(-1)) if self.request.flip else None
+        features = self.model.trunk_features(images)  # at the model's eval precision, its own autocast
+        flipped = self.model.trunk_features(images.flip(-1)) if self.request.flip else None
         self.writer.write(indices.cpu().numpy(), features, flipped)
         return len(indices)  # not collected (return_predictions=False); None would be warned about
-
-    def _autocast(self):
-        """bf16 (or fp16) autocast on a GPU; on a CPU float32 whatever the trainer's precision."""
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        if self.device.type == "cpu":
-            return torch.autocast("cpu", enabled=False)
-        return contextlib.nullcontext()
 
     def on_predict_end(self) -> None:
         if self.writer is not None:
