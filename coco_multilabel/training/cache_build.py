@@ -30,6 +30,7 @@ from coco_multilabel.data.feature_cache import (
     finish,
     is_complete,
     key_info,
+    plan_cache,
     unfinished_folder,
 )
 from coco_multilabel.data.labels import CHECK_DATA_HINT
@@ -53,6 +54,12 @@ def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
             "feature cache of %d images (%s): finding or building it on %d %s device(s)",
             len(request.images), request.folder, trainer.world_size, trainer.strategy.root_device.type,
         )  # fmt: skip
+        if not is_complete(request.folder):
+            plan = plan_cache(request.folder, len(request.images), sample_output(model, request),
+                              request.flip, share=trainer.num_devices)  # fmt: skip
+            if trainer.is_global_zero:
+                log.info("%s", plan.line())
+            plan.check()  # before any image is read: a cache that cannot fit is refused now
         check_images(request)
         builder = CacheBuilder(model, request)
         try:
@@ -78,6 +85,13 @@ def check_images(request) -> None:
             f"{len(bad)} of the images the feature cache needs cannot be read, the first {path} "
             f"({problem}); {CHECK_DATA_HINT}, or leave them out with data.on_bad_image=skip"
         )
+
+
+def sample_output(model, request) -> torch.Tensor:
+    """The trunk's output for one blank image: the cache's row shape and storage type."""
+    size = request.min_side
+    blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=model.mean.device)
+    return model.trunk_features(blank)
 
 
 class ContiguousShards(DistributedSampler):
@@ -120,16 +134,12 @@ class CacheBuilder(L.LightningModule):
                 self.lock = None
             else:
                 tmp = unfinished_folder(self.request.folder)
-                create_arrays(tmp, len(self.request.images), self._sample_output(), self.request.flip)
+                create_arrays(
+                    tmp, len(self.request.images), sample_output(self.model, self.request), self.request.flip
+                )
                 plan = str(tmp)
         plan = self.trainer.strategy.broadcast(plan, src=0)
         self.tmp = None if plan is None else type(self.request.folder)(plan)
-
-    def _sample_output(self) -> torch.Tensor:
-        """The trunk's output for one blank image: the arrays' shape and storage type."""
-        size = self.request.min_side
-        blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=self.model.mean.device)
-        return self.model.trunk_features(blank)
 
     def predict_dataloader(self) -> DataLoader:
         request = self.request
