@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = (
@@ -108,13 +109,14 @@ def dependencies_venv(python: str, wheel: Path) -> Path:
     venv = cache / f"python{Path(python).name.removeprefix('python')}-{key}"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYENV_VERSION")}
     pip = [str(venv / "bin" / "python"), *PIP, "install", "--quiet"]
-    if not (venv / "complete").exists():  # new, or left half-made by a killed run
-        shutil.rmtree(venv, ignore_errors=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        run([python, "-m", "venv", str(venv)], cache, env)
-        run([*pip, str(wheel)], cache, env)
-        (venv / "complete").touch()
-    run([*pip, "--no-deps", "--force-reinstall", str(wheel)], cache, env)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{venv}.lock"):  # test runs side by side: one builds it, the other waits
+        if not (venv / "complete").exists():  # new, or left half-made by a killed run
+            shutil.rmtree(venv, ignore_errors=True)
+            run([python, "-m", "venv", str(venv)], cache, env)
+            run([*pip, str(wheel)], cache, env)
+            (venv / "complete").touch()
+        run([*pip, "--no-deps", "--force-reinstall", str(wheel)], cache, env)
     return venv
 
 

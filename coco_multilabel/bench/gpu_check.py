@@ -56,11 +56,8 @@ class Sizes:
     workers: int | None = None  # submit's DataLoader workers (None: one per core)
 
 
-GPU_RECIPE = [
-    "experiment=finetune_384_asl_ema",
-    "backbone=timm",
-    "offline=true",
-]  # ConvNeXt-T, random weights
+# the GPU recipe with ConvNeXt-T's random weights: a GPU machine may have no network
+GPU_RECIPE = ["experiment=finetune_384_asl_ema", "backbone=timm", "backbone.pretrained=false"]
 GPU = Sizes(  # the defaults: precision, workers and device by the machine, no trainer=gpu
     n_train=1600, n_test=400, image_px=480, device=[], recipe=["data.batch_size=64"],
     throughput=[

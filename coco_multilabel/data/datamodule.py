@@ -194,23 +194,23 @@ class CocoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train_set = self._cached("train") if self.inputs == "cache" else self.train_images
         drop_last = len(train_set) > self.hparams.batch_size
-        return self._loader(train_set, shuffle=True, drop_last=drop_last)
+        return self._loader(train_set, train=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._cached("val") if self.inputs == "cache" else self.val_images)
 
-    def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, train: bool = False, drop_last: bool = False) -> DataLoader:
         cached = isinstance(dataset, CachedFeatures)
         workers = 0 if cached else self.num_workers  # whole batches of one array: no decoding to spread
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            shuffle=train,
             drop_last=drop_last,
             num_workers=workers,
             # the train loader's workers live through the run; val's start at each validation
             # and end with it, so no second set of workers sits idle through the training epochs
-            persistent_workers=workers > 0 and shuffle,
+            persistent_workers=workers > 0 and train,
             pin_memory=torch.cuda.is_available() and not (cached and dataset.device is not None),
             collate_fn=whole_batch if cached else collate_skipping_bad,
         )
