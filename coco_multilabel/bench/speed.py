@@ -74,6 +74,24 @@ def model_step_rate(cfg, steps: int) -> float:
     return train_steps(model, [(x, y)] * steps, optimizer)
 
 
+def compile_speedup(cfg, steps: int) -> tuple[float, float]:
+    """Model-alone training images/s compiled (``model.compile``) over eager, and the seconds the
+    compiled model's first steps took (the compiling)."""
+    rates, warmups = {}, {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model, optimizer = build(cfg)
+        size, batch = cfg.data.image_size, cfg.data.batch_size
+        x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 80) < 0.05).float()
+        start = time.perf_counter()
+        if mode == "compiled":
+            model.compile()
+        train_steps(model, [(x, y)] * 2, optimizer)  # warm-up; compiles
+        warmups[mode] = time.perf_counter() - start
+        rates[mode] = train_steps(model, [(x, y)] * steps, optimizer)
+    return rates["compiled"] / rates["eager"], warmups["compiled"]
+
+
 def pipeline_rate(cfg, steps: int) -> float:
     """Training images/s from files: decode, augment, collate, step."""
     model, optimizer = build(cfg)
@@ -260,6 +278,8 @@ def main() -> None:
     add("   train step, files -> decode -> augment -> step", f"{pipeline:.1f}")
     add("   pipeline efficiency", f"{pipeline / model_only:.2f}", "target >= 0.9")
     add("   GLIBC_TUNABLES speed-up (model alone)", f"{allocator_ratio(args.data, args.image_size):.2f}x")
+    speedup, compiling = compile_speedup(finetune, args.steps)
+    add("   torch.compile speed-up (model alone)", f"{speedup:.2f}x", f"compiling took {compiling:.0f} s")
     for row in inference_modes(finetune):
         add(f"   eval {row['mode']} (images/s)", f"{row['images_per_s']:.1f}",
             f"max prob change {row['max_prob_change']:.1e}")  # fmt: skip
