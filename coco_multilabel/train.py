@@ -75,7 +75,13 @@ def train(cfg: DictConfig) -> dict:
     use_tensor_cores(trainer)
     fit_phases(trainer, model, datamodule, phases, cfg.ckpt_path, budget)
     drop_last_checkpoint(trainer, cfg.run_dir, keep=cfg.keep_last_checkpoint)  # finished: best.ckpt suffices
-    summary = {**run_summary(trainer), "phases": [p.record() for p in phases], "cut_epoch": budget.cut}
+    summary = {
+        **run_summary(trainer),
+        "phases": [p.record() for p in phases],
+        "cut_epoch": budget.cut,
+        "precision": str(trainer.precision),
+        "eval_precision": model.hparams.eval_precision,
+    }
     if summary["best_checkpoint"]:
         tuning = read_checkpoint(summary["best_checkpoint"]).get("threshold_tuning", {})
         summary["threshold"] = tuning.get("global_threshold")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from coco_multilabel.data.datasets import CocoImages, labelled_stems, load_rgb
+from coco_multilabel.data.datasets import CocoImages, labelled_stems
 from coco_multilabel.data.feature_cache import FeatureCache, build_or_load, cache_folders, cache_key
+from coco_multilabel.data.images import load_rgb
 from coco_multilabel.data.transforms import eval_transform
 from coco_multilabel.models.backbones import torchvision_backbone
 from coco_multilabel.models.checkpoints import load_model
@@ -269,3 +270,59 @@ def test_a_bad_image_is_named_before_the_trainer_builds_the_cache(images, tmp_pa
         check_images(request)
     request.on_bad_image = "skip"  # the build leaves it out
     check_images(request)
+
+
+def test_the_cache_plans_its_size_memory_and_disk_in_one_line(tmp_path, monkeypatch):
+    from coco_multilabel.data import feature_cache
+
+    sample = torch.zeros(1, 192, 12, 12)  # Lite0's map at 384 px below its last stage: float16 rows
+    monkeypatch.setattr(feature_cache, "job_memory_available", lambda: 32 * 10**9)  # a Slurm job's 32 GB
+    monkeypatch.setattr(feature_cache, "disk_free", lambda folder: 500 * 10**9)
+    small = feature_cache.plan_cache(tmp_path / "key", 2_327, sample, flip=True)
+    assert small.size == 2 * 2_327 * 192 * 12 * 12 * 2 and small.in_memory
+    assert small.line() == (
+        "feature cache: 2,327 images and their mirror images x 55.3 kB = 257.3 MB, read into memory "
+        f"(under 30% of the 32.0 GB this job may still use); 500.0 GB free on {tmp_path}"
+    )
+    large = feature_cache.plan_cache(tmp_path / "key", 65_000, sample, flip=True, share=2)
+    assert not large.in_memory and "memory-mapped from disk (2 copies over 30% of the 32.0 GB" in large.line()
+    large.check()  # 7.2 GB: the disk holds it
+
+
+def test_a_cache_whose_disk_cannot_hold_it_is_refused_before_anything_is_built(
+    train_cfg, tmp_path, monkeypatch
+):
+    """ResNet-50's layer3 maps of 65,000 images do not fit a 40 GB quota: refused with what to change,
+    before the trunk reads a single image and before any folder is made."""
+    from coco_multilabel.data import feature_cache
+    from coco_multilabel.errors import UserError
+
+    monkeypatch.setattr(feature_cache, "disk_free", lambda folder: 40 * 10**9)
+    plan = feature_cache.plan_cache(tmp_path / "k", 65_000, torch.zeros(1, 1024, 24, 24), flip=True)
+    with pytest.raises(UserError) as refused:
+        plan.check()
+    message = str(refused.value)
+    assert "155.7 TB" not in message and "= 153.4 GB" in message and "40.0 GB free" in message
+    for alternative in ("model.top_stages", "backbone=efficientnet_lite0", "experiment=linear_probe",
+                        "data.cache_flip=false", "data.cache_dir="):  # fmt: skip
+        assert alternative in message
+    monkeypatch.setattr(feature_cache, "disk_free", lambda folder: 1000)  # a full disk, in a real run
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(UserError, match="the feature cache does not fit: feature cache: 48 images"):
+        train(train_cfg("schedule=probe", f"data.cache_dir={cache_dir}"))
+    assert not cache_dir.exists() or not [p for p in cache_dir.iterdir() if p.name != "labels"]
+
+
+def test_a_cache_over_the_jobs_memory_limit_is_memory_mapped(images, tmp_path, monkeypatch):
+    from coco_multilabel.data import feature_cache
+
+    backbone = torchvision_backbone("mobilenet_v3_small", weights=None).eval()
+    extract = lambda batch: backbone(batch.float() / 255)  # noqa: E731
+    cache = build_or_load(tmp_path, images, extract, BACKBONE, eval_transform(image_size=32))
+    folder = cache_folders(tmp_path)[0]
+    monkeypatch.setattr(feature_cache, "job_memory_available", lambda: 10**12)
+    assert not isinstance(FeatureCache.load(folder).features, np.memmap)
+    monkeypatch.setattr(
+        feature_cache, "job_memory_available", lambda: cache.features.nbytes * 3
+    )  # a tight cgroup
+    assert isinstance(FeatureCache.load(folder).features, np.memmap)

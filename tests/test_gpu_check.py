@@ -13,7 +13,8 @@ def test_gpu_check_smoke_runs_every_check_and_writes_the_table(tmp_path, capsys)
     for check in (
         "default recipe, train on one device", "default recipe, submit",
         "eval fp32: submit vs model alone", "eval bf16: submit vs model alone",
-        "train throughput, MobileNetV3-S @ 32 (smoke)", "2-job multirun on the device pool",
+        "train throughput, MobileNetV3-S @ 32 (smoke)", "train throughput, GPU recipe @ 32, eager (smoke)",
+        "2-job multirun on the device pool",
         "2-GPU DDP run | skipped", "total | 0 failed",
     ):  # fmt: skip
         assert f"| {check}" in table

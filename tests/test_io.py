@@ -124,7 +124,7 @@ def test_train_and_the_feature_cache_check_the_disk_before_they_write(train_cfg,
     assert not (tmp_path / "run" / "checkpoints").exists()
     monkeypatch.setattr("coco_multilabel.train.checkpoint_bytes", lambda model: 1)
     with pytest.raises(
-        UserError, match="feature cache .* needs about .* free: free some space, or data.cache_dir="
+        UserError, match="the feature cache does not fit: .* free on .* a disk with room: data.cache_dir="
     ):
         train(train_cfg("schedule=probe", f"data.cache_dir={cache}", run_dir=tmp_path / "probe"))
     assert not any(cache.rglob("*.npy"))

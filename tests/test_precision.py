@@ -102,19 +102,81 @@ def test_submit_evaluates_at_the_precision_validation_tuned_at(
     assert probs.dtype == torch.float32 and probs.device.type == "cpu"
 
 
-@pytest.mark.parametrize(("capability", "expected"), [((9, 0), "bf16-mixed"), ((7, 5), "16-mixed")])
-def test_gpu_presets_use_bf16_where_the_gpu_has_it(monkeypatch, tmp_path, capability, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    for preset in ("gpu", "ddp"):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[f"trainer={preset}", f"run_dir={tmp_path}", "data.root=x"])
-        assert cfg.trainer.precision == expected
+def fake_gpus(monkeypatch, capabilities: list[tuple[int, int]]) -> None:
+    """torch.cuda as a machine with these GPUs shows it (none: no GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: capabilities[device])
 
 
-def test_gpu_presets_without_a_gpu_run_in_float32(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert precision.gpu_precision() == "32-true"
+def composed_precisions(tmp_path, *overrides) -> tuple[str, str]:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"run_dir={tmp_path}", "data.root=x", *overrides])
+    return cfg.trainer.precision, str(cfg.model.eval_precision)
+
+
+H100, A100, T4, V100 = (9, 0), (8, 0), (7, 5), (7, 0)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "overrides", "expected"),
+    [
+        ([H100], [], ("bf16-mixed", "bf16")),
+        ([A100], [], ("bf16-mixed", "bf16")),
+        ([T4], [], ("16-mixed", "16")),
+        ([], [], ("32-true", "32")),
+        ([H100], ["trainer=gpu"], ("bf16-mixed", "bf16")),
+        ([V100], ["trainer=gpu"], ("16-mixed", "16")),
+        ([A100, A100], ["trainer=ddp"], ("bf16-mixed", "bf16")),
+        ([A100, T4], [], ("16-mixed", "16")),  # the lowest counts: every job of a sweep runs it
+        ([H100], ["trainer.accelerator=cpu"], ("32-true", "32")),
+        ([H100], ["trainer=cpu"], ("32-true", "32")),
+        ([H100], ["trainer=ddp", "trainer.accelerator=cpu"], ("32-true", "32")),
+        ([], ["trainer=gpu"], ("32-true", "32")),
+        ([H100], ["trainer.precision=32-true"], ("32-true", "32")),
+        ([H100], ["trainer.precision=16-mixed"], ("16-mixed", "16")),
+        ([H100], ["model.eval_precision=32"], ("bf16-mixed", "32")),
+    ],
+)
+def test_the_default_precision_follows_the_device_and_evaluation_follows_training(
+    monkeypatch, tmp_path, gpus, overrides, expected
+):
+    fake_gpus(monkeypatch, gpus)
+    assert composed_precisions(tmp_path, *overrides) == expected
+
+
+def test_every_rank_resolves_what_rank_0_resolves(monkeypatch, tmp_path):
+    """Lightning's DDP starts each rank as a new process that composes the config again: with the
+    same GPUs visible (the launcher passes its environment on) each resolves the same."""
+    fake_gpus(monkeypatch, [A100, A100])
+    rank0 = composed_precisions(tmp_path, "trainer=ddp")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert composed_precisions(tmp_path, "trainer=ddp") == rank0 == ("bf16-mixed", "bf16")
+
+
+class FakeStrategy:
+    """Two ranks' collectives, seen from one rank: rank 0 chose ``rank0``, the other ``others``."""
+
+    def __init__(self, rank0: str, others: str):
+        self.rank0, self.others = rank0, others
+
+    def broadcast(self, value, src=0):
+        return self.rank0
+
+    def reduce_boolean_decision(self, decision, all=True):
+        return decision and self.rank0 == self.others
+
+
+@pytest.mark.parametrize(("rank", "mine"), [(0, "bf16-mixed"), (1, "16-mixed")])
+def test_a_ddp_run_whose_ranks_disagree_on_precision_is_refused_on_every_rank(rank, mine):
+    trainer = SimpleNamespace(
+        world_size=2, global_rank=rank, precision=mine, strategy=FakeStrategy("bf16-mixed", "16-mixed")
+    )
+    with pytest.raises(UserError, match="chose different precisions.*set trainer.precision=16-mixed"):
+        precision.check_ranks_agree(trainer)
+    agreeing = SimpleNamespace(world_size=2, global_rank=rank, precision="bf16-mixed",
+                               strategy=FakeStrategy("bf16-mixed", "bf16-mixed"))  # fmt: skip
+    precision.check_ranks_agree(agreeing)
 
 
 @pytest.mark.parametrize(("device", "expected"), [("cuda", "high"), ("cpu", "highest")])

@@ -69,3 +69,69 @@ def test_a_backbone_by_lr_multirun_runs_the_default_recipe_in_every_job(tiny_roo
     rows = (sweep / "summary.csv").read_text().splitlines()[1:]
     assert len(rows) == 4 and all(",done," in row for row in rows)
     assert len(cache_folders(tmp_path / "c")) == 2  # one cache per backbone, shared by its two lrs
+
+
+GPU_RECIPE = "experiment=finetune_384_asl_ema"
+
+
+def test_the_gpu_recipe_is_the_literatures_whole_network_fine_tuning(monkeypatch, tmp_path):
+    """ConvNeXt-T from ImageNet-22k at 384 px, timm's ASL, EMA, RandAugment and cutout, AdamW with
+    warm-up and cosine, bf16 on an Ampere GPU, channels_last and compile; Lite2 offline."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 0))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[GPU_RECIPE, "data.root=x", f"run_dir={tmp_path}"])
+        lite2 = compose("train", overrides=[GPU_RECIPE, "backbone=efficientnet_lite2", "data.root=x"])
+    assert "in22k" in cfg.backbone.name and cfg.backbone.pretrained and cfg.data.image_size == 384
+    assert cfg.loss._target_ == "timm.loss.AsymmetricLossMultiLabel" and cfg.loss.gamma_neg == 4
+    assert cfg.callbacks.ema.decay == 0.9997 and cfg.data.randaugment_ops == 2 and cfg.data.cutout_prob == 0.5
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.scheduler.warmup_fraction > 0
+    assert dict(cfg.schedule) == {"finetune": {"epochs": 40, "train": "all", "inputs": "images"}}
+    assert (cfg.trainer.precision, cfg.model.eval_precision) == ("bf16-mixed", "bf16")
+    assert cfg.model.channels_last and cfg.model.compile
+    assert lite2.backbone.weights == "embedded"  # the offline choice downloads nothing
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_trains_on_cpu_at_tiny_size(train_cfg, tmp_path, monkeypatch):
+    """The recipe as it is (ConvNeXt-T offline, random weights), at 64 px for one epoch. Its
+    torch.compile goes through Dynamo for real; the code generation (Inductor, minutes on CPU) is
+    swapped for ``aot_eager`` here: test_compile_with_inductor_trains_a_tiny_model runs it."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+    counters.clear()
+    tiny = [
+        "backbone=timm",
+        "offline=true",
+        "data.image_size=64",
+        "data.batch_size=12",
+        "trainer.max_epochs=1",
+    ]
+    summary = train(train_cfg(GPU_RECIPE, *tiny))
+    assert summary["epochs"] == 1 and Path(summary["best_checkpoint"]).is_file()
+    assert counters["stats"]["unique_graphs"] >= 1  # forward ran compiled
+    checkpoint = torch.load(summary["best_checkpoint"], weights_only=False)
+    assert checkpoint["hyper_parameters"]["compile"] is True
+    assert checkpoint["hyper_parameters"]["loss"]["_target_"] == "timm.loss.AsymmetricLossMultiLabel"
+    assert not any("_orig_mod" in key for key in checkpoint["state_dict"])  # names as without compile
+    assert "current_model_state" in checkpoint  # the EMA callback saved the raw weights beside
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_trains_a_tiny_model(train_cfg):
+    """model.compile=true with torch.compile's own code generation (Inductor: C++ on CPU) on timm's
+    smallest EfficientNet: trains, validates and saves a checkpoint submit can load."""
+    from coco_multilabel.models.checkpoints import load_model
+
+    summary = train(train_cfg("backbone=timm", "backbone.name=test_efficientnet", "offline=true",
+                              "model.compile=true", "callbacks.ema=null", "trainer.limit_train_batches=2",
+                              "+trainer.num_sanity_val_steps=0"))  # fmt: skip
+    assert summary["epochs"] == 1 and 0 <= summary["best_score"] <= 1
+    load_model(summary["best_checkpoint"])

@@ -42,6 +42,19 @@ def test_training_writes_best_and_last_checkpoints_and_the_split(trained):
     assert {"train/macro_f1", "train/map"} <= summary_keys_logged(run_dir)
 
 
+def test_the_run_says_at_which_precision_it_computed(trained):
+    """On a CPU the default is float32 throughout; the checkpoint keeps it for submit."""
+    run_dir, summary = trained
+    assert (summary["precision"], summary["eval_precision"]) == ("32-true", "32")
+    assert (
+        json.loads((run_dir / "result.json").read_text())["precision"] == "32-true"
+        if (run_dir / "result.json").exists()
+        else True
+    )
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+    assert checkpoint["hyper_parameters"]["eval_precision"] == "32"
+
+
 def summary_keys_logged(run_dir):
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     return set(header.split(","))

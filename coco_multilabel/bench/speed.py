@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from coco_multilabel.bench.loader import loader_table
 from coco_multilabel.cli import CONFIG_DIR
 from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.io import write_text_atomic
@@ -71,6 +72,24 @@ def model_step_rate(cfg, steps: int) -> float:
     x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 80) < 0.05).float()
     train_steps(model, [(x, y)] * 2, optimizer)  # warm-up
     return train_steps(model, [(x, y)] * steps, optimizer)
+
+
+def compile_speedup(cfg, steps: int) -> tuple[float, float]:
+    """Model-alone training images/s compiled (``model.compile``) over eager, and the seconds the
+    compiled model's first steps took (the compiling)."""
+    rates, warmups = {}, {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model, optimizer = build(cfg)
+        size, batch = cfg.data.image_size, cfg.data.batch_size
+        x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 80) < 0.05).float()
+        start = time.perf_counter()
+        if mode == "compiled":
+            model.compile()
+        train_steps(model, [(x, y)] * 2, optimizer)  # warm-up; compiles
+        warmups[mode] = time.perf_counter() - start
+        rates[mode] = train_steps(model, [(x, y)] * steps, optimizer)
+    return rates["compiled"] / rates["eager"], warmups["compiled"]
 
 
 def pipeline_rate(cfg, steps: int) -> float:
@@ -228,6 +247,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="training steps per throughput figure")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="the default recipe's budget")
+    parser.add_argument("--loader-images", type=int, default=300, help="photos per loader measurement")
+    parser.add_argument("--loader-only", action="store_true", help="only the loader table (a minute)")
     parser.add_argument("--only-model-step", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -236,6 +257,14 @@ def main() -> None:
         print(model_step_rate(config(args.data, size, PLAIN), args.steps))
         return
     out = Path(args.out)
+    command = " ".join(["python -m coco_multilabel.bench.speed", *sys.argv[1:]])
+    header = f"`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}\n\n"
+    loader = "## What one loader worker delivers\n\n" + loader_table(args.data, args.loader_images)
+    print(loader, flush=True)
+    if args.loader_only:
+        path = write_text_atomic(out / "loader.md", "# make bench: the loader\n\n" + header + loader)
+        print(f"written to {path}")
+        return
     rows = []
 
     def add(what, value, note=""):
@@ -249,6 +278,8 @@ def main() -> None:
     add("   train step, files -> decode -> augment -> step", f"{pipeline:.1f}")
     add("   pipeline efficiency", f"{pipeline / model_only:.2f}", "target >= 0.9")
     add("   GLIBC_TUNABLES speed-up (model alone)", f"{allocator_ratio(args.data, args.image_size):.2f}x")
+    speedup, compiling = compile_speedup(finetune, args.steps)
+    add("   torch.compile speed-up (model alone)", f"{speedup:.2f}x", f"compiling took {compiling:.0f} s")
     for row in inference_modes(finetune):
         add(f"   eval {row['mode']} (images/s)", f"{row['images_per_s']:.1f}",
             f"max prob change {row['max_prob_change']:.1e}")  # fmt: skip
@@ -276,9 +307,7 @@ def main() -> None:
         "| --- | ---: | --- |",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
     ]
-    command = " ".join(["python -m coco_multilabel.bench.speed", *sys.argv[1:]])
-    text = f"# make bench\n\n`{command}` on {os.cpu_count()} CPUs, torch {torch.__version__}\n\n"
-    text += "\n".join(table) + "\n"
+    text = "# make bench\n\n" + header + "\n".join(table) + "\n\n" + loader
     print(f"written to {write_text_atomic(out / 'bench.md', text)}")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from coco_multilabel.data.images import load_rgb
+from coco_multilabel.data.images import decode_image
 from coco_multilabel.data.label_index import LabelIndex
 from coco_multilabel.data.labels import CHECK_DATA_HINT, read_label_file
 from coco_multilabel.errors import UserError
@@ -64,8 +64,9 @@ class CocoImages(Dataset):
 
     The files are one folder and a numpy array of names, the targets one N x C bool array: a
     DataLoader worker forked from a process holding 65,000 Python objects would copy every page
-    they live on as it touches their reference counts. ``min_side`` decodes JPEGs at a reduced
-    scale (see ``load_rgb``). ``on_bad_image="skip"`` turns an unreadable image into ``None``
+    they live on as it touches their reference counts. Images are decoded by ``decode_image``
+    (uint8 tensors); ``min_side`` decodes JPEGs at a reduced scale (see ``load_rgb``).
+    ``on_bad_image="skip"`` turns an unreadable image into ``None``
     instead of an error; :func:`collate_skipping_bad` drops it from the batch and says where it was.
     """
 
@@ -121,7 +122,7 @@ class CocoImages(Dataset):
     def __getitem__(self, index: int):
         """``(image, target, index)``: the index lets a DDP gather drop duplicates and keep order."""
         try:
-            image = load_rgb(self.path(index), self.min_side)
+            image = decode_image(self.path(index), self.min_side)
         except UserError:
             if self.on_bad_image == "skip":
                 log.debug("skipping unreadable image %s", self.path(index))

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
-from coco_multilabel.io import check_free_space
+from coco_multilabel.io import disk_free, existing_parent, human_bytes
+from coco_multilabel.resources import job_memory_available
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,6 @@ def cache_folders(cache_dir: str | Path) -> list[Path]:
     return sorted(p for p in cache_dir.iterdir() if is_complete(p)) if cache_dir.is_dir() else []
 
 
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes, or None where there is none."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 @dataclass
 class FeatureCache:
     stems: list[str]
@@ -91,16 +81,14 @@ class FeatureCache:
     @classmethod
     def load(cls, folder: Path, in_memory: bool | None = None, share: int = 1) -> FeatureCache:
         """The cache in ``folder``: read into memory when it takes under ``MEMORY_FRACTION`` of the
-        available memory, ``share`` processes of this machine loading it each (``in_memory=None``),
-        memory-mapped otherwise (the page cache serves repeated reads)."""
+        memory this job may still use (its cgroup limit counted), ``share`` processes of this machine
+        loading it each (``in_memory=None``), memory-mapped otherwise (the page cache serves
+        repeated reads)."""
         folder = Path(folder)
         names = [name for name in ARRAYS if (folder / name).exists()]
         if in_memory is None:
             mapped = [np.load(folder / name, mmap_mode="r") for name in names]
-            memory = available_memory()
-            in_memory = (
-                memory is not None and share * sum(a.nbytes for a in mapped) < MEMORY_FRACTION * memory
-            )
+            in_memory = fits_in_memory(sum(a.nbytes for a in mapped), share, job_memory_available())
         arrays = [np.load(folder / name, mmap_mode=None if in_memory else "r") for name in names]
         present = folder / "present.npy"
         return cls(
@@ -115,6 +103,72 @@ MEMORY_FRACTION = 0.3
 ARRAYS = ("features.npy", "flipped.npy")  # of an image, of its mirror image
 
 
+def fits_in_memory(size: int, share: int, memory: int | None) -> bool:
+    """Whether ``share`` copies of ``size`` bytes take under ``MEMORY_FRACTION`` of ``memory``."""
+    return memory is not None and share * size < MEMORY_FRACTION * memory
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What a feature cache will take, said before it is built: its size, whether it will be read
+    into memory or memory-mapped, and whether its disk holds it (else a refusal naming what to
+    change). ``memory``: what this job may still use (``resources.job_memory_available``)."""
+
+    folder: Path
+    images: int
+    views: int  # 2 with the mirror images' rows
+    row_bytes: int
+    memory: int | None
+    share: int  # processes of this machine that each load it (DDP ranks)
+    disk_free: int
+
+    @property
+    def size(self) -> int:
+        return self.images * self.views * self.row_bytes
+
+    @property
+    def in_memory(self) -> bool:
+        return fits_in_memory(self.size, self.share, self.memory)
+
+    def line(self) -> str:
+        views = " and their mirror images" if self.views == 2 else ""
+        memory = "the memory this job may use is unknown" if self.memory is None else (
+            f"{human_bytes(self.memory)} this job may still use"
+        )  # fmt: skip
+        copies = f"{self.share} copies " if self.share > 1 else ""
+        where = (
+            f"read into memory ({copies}under {MEMORY_FRACTION:.0%} of the {memory})"
+            if self.in_memory
+            else f"memory-mapped from disk ({copies}over {MEMORY_FRACTION:.0%} of the {memory})"
+        )
+        return (
+            f"feature cache: {self.images:,} images{views} x {human_bytes(self.row_bytes)} = "
+            f"{human_bytes(self.size)}, {where}; {human_bytes(self.disk_free)} free on "
+            f"{existing_parent(self.folder.parent)}"
+        )
+
+    def check(self) -> None:
+        """A UserError before anything is computed or written when the disk cannot hold the cache."""
+        if self.size * 1.1 <= self.disk_free:
+            return
+        halve = ", no mirror images (data.cache_flip=false: half)" if self.views == 2 else ""
+        raise UserError(
+            f"the feature cache does not fit: {self.line()}. Cache less: fewer top stages (a lower "
+            "model.top_stages caches a map nearer the output, smaller for most CNNs), a smaller backbone "
+            "(backbone=efficientnet_lite0: 55 kB an image at 384 px), a linear probe on pooled features "
+            f"(experiment=linear_probe), a smaller data.image_size{halve}; or put it on a disk with room: "
+            "data.cache_dir=<folder>"
+        )
+
+
+def plan_cache(folder: Path, rows: int, sample: torch.Tensor, flip: bool, share: int = 1) -> CachePlan:
+    """The plan of a cache of ``rows`` images whose rows look like ``sample`` (the trunk's output
+    for one image), in ``folder``."""
+    row_bytes = sample[0].numel() * np.dtype(storage_dtype(sample)).itemsize
+    memory = job_memory_available()
+    return CachePlan(Path(folder), rows, 1 + flip, row_bytes, memory, share, disk_free(Path(folder).parent))
+
+
 def storage_dtype(features: torch.Tensor) -> np.dtype:
     """Pooled features in float32; maps in float16, half the disk (the model casts them)."""
     return np.dtype(np.float32 if features.dim() == 2 else np.float16)
@@ -123,8 +177,7 @@ def storage_dtype(features: torch.Tensor) -> np.dtype:
 def create_arrays(tmp: Path, rows: int, sample: torch.Tensor, flip: bool) -> None:
     """The unfinished cache's arrays, shaped after ``sample`` (the trunk's output for one image),
     once the disk is known to hold them."""
-    size = (1 + flip) * rows * sample[0].numel() * np.dtype(storage_dtype(sample)).itemsize
-    check_free_space(tmp.parent, size, f"feature cache {tmp.parent}", "data.cache_dir=<other disk>")
+    plan_cache(tmp, rows, sample, flip).check()
     tmp.mkdir(parents=True)
     for name in ARRAYS[: 1 + flip]:
         array = np.lib.format.open_memmap(

@@ -15,7 +15,12 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import metric_collection
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
 from coco_multilabel.models.registry import check_model_configs
-from coco_multilabel.training.precision import check_eval_precision, eval_autocast, float32_head
+from coco_multilabel.training.precision import (
+    check_eval_precision,
+    check_ranks_agree,
+    eval_autocast,
+    float32_head,
+)
 from coco_multilabel.training.schedule import Phase
 
 HEADS = ("linear", "csra")
@@ -41,6 +46,10 @@ class MultiLabelClassifier(L.LightningModule):
     over the feature map, weight ``csra_lambda``). ``tta`` averages the probabilities of each image
     and its mirror image, in validation and in submit.
 
+    ``compile`` runs ``forward`` through ``torch.compile`` in training and validation (not submit,
+    which may run where no compiler is): fewer kernel launches, the cost of small convolutions on a
+    GPU; the first steps of each phase wait for the compiler.
+
     Logits and probabilities are float32 under any precision (the head runs outside autocast).
     Evaluation (validation, predict, submit) runs at ``eval_precision`` (``32``, ``bf16``, ``16``)
     whatever the trainer's: thresholds tuned in validation meet the same numbers in submit.
@@ -60,6 +69,7 @@ class MultiLabelClassifier(L.LightningModule):
         csra_lambda: float = 0.3,
         top_stages: int = 0,
         eval_precision: str = "32",
+        compile: bool = False,
     ):
         super().__init__()
         backbone, optimizer, scheduler, loss = map(_plain, (backbone, optimizer, scheduler, loss))
@@ -70,7 +80,7 @@ class MultiLabelClassifier(L.LightningModule):
             dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, loss=loss,
                  num_classes=num_classes, dropout=dropout, channels_last=channels_last, tta=tta,
                  head=head, csra_lambda=csra_lambda, top_stages=top_stages,
-                 eval_precision=check_eval_precision(eval_precision))
+                 eval_precision=check_eval_precision(eval_precision), compile=compile)
         )  # fmt: skip
         if head not in HEADS:
             raise UserError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
@@ -122,6 +132,11 @@ class MultiLabelClassifier(L.LightningModule):
             for module in self._top_modules():
                 module.train(mode)
         return self
+
+    def setup(self, stage: str) -> None:
+        check_ranks_agree(self.trainer)
+        if stage == "fit" and self.hparams.compile and self._compiled_call_impl is None:
+            self.compile()  # torch.compile of forward, in place: the state dict keeps its names
 
     def on_fit_start(self) -> None:
         """A loss weighted by class frequency (``PositiveWeightedBCE``) learns them from the train split."""

@@ -7,33 +7,23 @@ negatives dominate the BCE gradient. Both losses here shift weight toward the po
 from __future__ import annotations
 
 import torch
+from timm.loss import AsymmetricLossMultiLabel
 from torch import nn
 from torch.nn import functional as F
 
 
-class AsymmetricLoss(nn.Module):
-    """Asymmetric Loss (Ridnik et al., ICCV 2021), summed over classes, averaged over images.
+class AsymmetricLoss(AsymmetricLossMultiLabel):
+    """Asymmetric Loss (Ridnik et al., ICCV 2021): timm's ``AsymmetricLossMultiLabel``, summed over
+    classes and averaged over images, with the paper's COCO settings as defaults.
 
     Negatives are down-weighted by ``p ** gamma_neg`` after shifting their probability by ``clip``
-    (very easy negatives then count zero); positives by ``(1 - p) ** gamma_pos``. With both gammas
-    and ``clip`` at zero it is BCE summed over classes: ``BCEWithLogits * num_classes``.
+    (very easy negatives then count zero); positives by ``(1 - p) ** gamma_pos``. ``loss=asl``
+    names timm's class itself; this name stays so that checkpoints naming it still load (it was
+    this project's own implementation, equal to timm's: tests/test_losses.py).
     """
 
     def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8):
-        super().__init__()
-        self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(logits.float())
-        p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p
-        log_pos = torch.log(p.clamp(min=self.eps))
-        log_neg = torch.log((1 - p_neg).clamp(min=self.eps))
-        if self.gamma_pos:
-            log_pos = log_pos * (1 - p) ** self.gamma_pos
-        if self.gamma_neg:
-            log_neg = log_neg * p_neg**self.gamma_neg
-        loss = targets * log_pos + (1 - targets) * log_neg
-        return -loss.sum() / len(logits)
+        super().__init__(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps, reduction="batchmean")
 
 
 class PositiveWeightedBCE(nn.Module):

@@ -23,6 +23,7 @@ BUILDERS = {
     "loss": {
         "coco_multilabel.models.losses.AsymmetricLoss",
         "coco_multilabel.models.losses.PositiveWeightedBCE",
+        "timm.loss.AsymmetricLossMultiLabel",
     },
     "optimizer": set(),
     "scheduler": {"coco_multilabel.models.schedulers.warmup_cosine"},

@@ -21,6 +21,11 @@ def describe_phases(phases: list[dict]) -> str:
     return "; ".join(f"{p['name']}: {p['epochs']} epochs, {p['train']} on {p['inputs']}" for p in phases)
 
 
+def describe_precision(summary: dict) -> str:
+    evaluation = {"32": "float32", "bf16": "bf16", "16": "fp16"}.get(summary.get("eval_precision"), "?")
+    return f"{summary['precision']} training; {evaluation} cache, validation, thresholds and submit"
+
+
 def next_commands(summary: dict, run_dir: str | Path, data_root: str) -> dict[str, str]:
     best = summary.get("best_checkpoint")
     commands = {"report": f"make report RUN={run_dir}"}
@@ -35,6 +40,8 @@ def summary_table(summary: dict, run_dir: str | Path, data_root: str) -> Table:
     table.add_column(overflow="fold")  # paths in full, folded, never cut
     if summary.get("phases"):
         table.add_row("phases", describe_phases(summary["phases"]))
+    if summary.get("precision"):
+        table.add_row("precision", describe_precision(summary))
     if "epoch" in summary:
         table.add_row("best epoch", f"{summary['epoch'] + 1} of {summary['epochs']}")
     if cut := summary.get("cut_epoch"):

@@ -4,13 +4,13 @@
 needs: under DDP each rank reads one contiguous block of them and writes its rows, by dataset
 index, into the arrays rank 0 created; rank 0 then puts the ranks' lists of written rows together
 and renames the finished folder into place. A file lock held by rank 0 from the check to the
-rename makes a concurrent sweep job building the same cache wait and reuse it. On GPUs the trunk
-runs under bf16 autocast (fp16 where bf16 is not supported), on CPUs in float32, as before.
+rename makes a concurrent sweep job building the same cache wait and reuse it. The trunk runs at
+the model's ``eval_precision`` (by default the trainer's: bf16 on GPUs that have it, fp16 on older
+ones, float32 on CPUs), as validation and submit compute it from images.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -30,10 +30,12 @@ from coco_multilabel.data.feature_cache import (
     finish,
     is_complete,
     key_info,
+    plan_cache,
     unfinished_folder,
 )
 from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
+from coco_multilabel.training.precision import check_ranks_agree
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,19 @@ def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
     if datamodule.train_features is not None:
         return
     datamodule.setup("fit")
+    datamodule.trainer = trainer  # as fit will: its default workers split the cores among the ranks
     request = datamodule.cache_request()
     if trainer.world_size > 1 or not is_complete(request.folder):
         log.info(
             "feature cache of %d images (%s): finding or building it on %d %s device(s)",
             len(request.images), request.folder, trainer.world_size, trainer.strategy.root_device.type,
         )  # fmt: skip
+        if not is_complete(request.folder):
+            plan = plan_cache(request.folder, len(request.images), sample_output(model, request),
+                              request.flip, share=trainer.num_devices)  # fmt: skip
+            if trainer.is_global_zero:
+                log.info("%s", plan.line())
+            plan.check()  # before any image is read: a cache that cannot fit is refused now
         check_images(request)
         builder = CacheBuilder(model, request)
         try:
@@ -76,6 +85,13 @@ def check_images(request) -> None:
             f"{len(bad)} of the images the feature cache needs cannot be read, the first {path} "
             f"({problem}); {CHECK_DATA_HINT}, or leave them out with data.on_bad_image=skip"
         )
+
+
+def sample_output(model, request) -> torch.Tensor:
+    """The trunk's output for one blank image: the cache's row shape and storage type."""
+    size = request.min_side
+    blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=model.mean.device)
+    return model.trunk_features(blank)
 
 
 class ContiguousShards(DistributedSampler):
@@ -108,6 +124,7 @@ class CacheBuilder(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Rank 0 decides, under the lock, whether to build, and creates the arrays; all ranks learn it."""
+        check_ranks_agree(self.trainer)
         plan = None
         if self.trainer.is_global_zero:
             self.lock = cache_lock(self.request.folder)
@@ -117,16 +134,12 @@ class CacheBuilder(L.LightningModule):
                 self.lock = None
             else:
                 tmp = unfinished_folder(self.request.folder)
-                create_arrays(tmp, len(self.request.images), self._sample_output(), self.request.flip)
+                create_arrays(
+                    tmp, len(self.request.images), sample_output(self.model, self.request), self.request.flip
+                )
                 plan = str(tmp)
         plan = self.trainer.strategy.broadcast(plan, src=0)
         self.tmp = None if plan is None else type(self.request.folder)(plan)
-
-    def _sample_output(self) -> torch.Tensor:
-        """The trunk's output for one blank image: the arrays' shape and storage type."""
-        size = self.request.min_side
-        blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=self.model.mean.device)
-        return self.model.trunk_features(blank)
 
     def predict_dataloader(self) -> DataLoader:
         request = self.request
@@ -150,20 +163,10 @@ class CacheBuilder(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         images, _, _, indices = batch
-        with self._autocast():
-            features = self.model.trunk_features(images)
-            flipped = self.model.trunk_features(images.flip(-1)) if self.request.flip else None
+        features = self.model.trunk_features(images)  # at the model's eval precision, its own autocast
+        flipped = self.model.trunk_features(images.flip(-1)) if self.request.flip else None
         self.writer.write(indices.cpu().numpy(), features, flipped)
         return len(indices)  # not collected (return_predictions=False); None would be warned about
-
-    def _autocast(self):
-        """bf16 (or fp16) autocast on a GPU; on a CPU float32 whatever the trainer's precision."""
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        if self.device.type == "cpu":
-            return torch.autocast("cpu", enabled=False)
-        return contextlib.nullcontext()
 
     def on_predict_end(self) -> None:
         if self.writer is not None:

@@ -1,5 +1,6 @@
-"""Numeric precision on each device: what mixed precision a GPU runs fast, float32 matmuls on tensor
-cores, and the one precision that validation and submit both evaluate at."""
+"""Numeric precision on each device: what mixed precision a GPU runs fast (the default, by device),
+float32 matmuls on tensor cores, and the one precision that the cache build, validation and submit
+all evaluate at."""
 
 from __future__ import annotations
 
@@ -13,15 +14,47 @@ from coco_multilabel.errors import UserError
 EVAL_PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
-def gpu_precision() -> str:
-    """``trainer=gpu``/``ddp``'s mixed precision: ``bf16-mixed`` where the GPU has bfloat16 tensor
-    cores (Ampere, compute capability 8, or newer), else ``16-mixed``; ``32-true`` without a GPU
-    (``trainer=ddp trainer.accelerator=cpu``). Reads the capability without allocating on the GPU:
-    every DDP rank resolves this before it knows its own device."""
-    if not torch.cuda.is_available():
+GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+
+
+def device_precision(accelerator: str = "auto") -> str:
+    """``trainer.precision`` by default: ``bf16-mixed`` where every visible GPU has bfloat16 tensor
+    cores (Ampere, compute capability 8, or newer), ``16-mixed`` on older GPUs, ``32-true`` on CPU,
+    also on a GPU machine told ``trainer.accelerator=cpu``. Every DDP rank resolves this on its own,
+    before it knows its device: the capability is read for all visible GPUs and the lowest counts,
+    so ranks that see the same GPUs agree (``check_ranks_agree`` refuses a run whose ranks do not)."""
+    if str(accelerator) not in GPU_ACCELERATORS or not torch.cuda.is_available():
         return "32-true"
-    major, _ = torch.cuda.get_device_capability(0)
+    gpus = range(max(1, torch.cuda.device_count()))
+    major = min(torch.cuda.get_device_capability(i)[0] for i in gpus)
     return "bf16-mixed" if major >= 8 else "16-mixed"
+
+
+def eval_precision_of(trainer_precision) -> str:
+    """``model.eval_precision`` by default: the trainer's compute type (``bf16-mixed`` -> ``bf16``,
+    ``16-mixed`` -> ``16``, else ``32``). The cache build, validation, threshold tuning and submit
+    then compute at the precision training ran at."""
+    name = str(trainer_precision)
+    if name.startswith("bf16"):
+        return "bf16"
+    if name.startswith("16"):
+        return "16"
+    return "32"
+
+
+def check_ranks_agree(trainer: L.Trainer) -> None:
+    """Under DDP each rank composed its own config: refuse a run whose ranks chose different
+    precisions (GPUs of different kinds) before any of them computes at its own."""
+    if trainer.world_size < 2:
+        return
+    ours = str(trainer.precision)
+    rank0 = trainer.strategy.broadcast(ours, src=0)
+    if not trainer.strategy.reduce_boolean_decision(ours == rank0, all=True):
+        raise UserError(
+            f"the processes of this DDP run chose different precisions (rank 0 {rank0}, rank "
+            f"{trainer.global_rank} {ours}): its GPUs are of different kinds; set trainer.precision="
+            "16-mixed (every GPU runs it) or 32-true for all of them"
+        )
 
 
 def use_tensor_cores(trainer: L.Trainer) -> None:
