@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock
-from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import check_free_space
+from coco_multilabel.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,10 @@ def build_or_load(
             )
             writer = None
             with torch.no_grad():
-                for images, _, _, indices in track(loader, description=f"caching {len(image_paths)} images"):
+                batches = track(
+                    loader, "building the feature cache", len(image_paths), count=lambda b: len(b[0])
+                )
+                for images, _, _, indices in batches:
                     features = extract(images)
                     if writer is None:
                         create_arrays(tmp, len(image_paths), features, flip)
