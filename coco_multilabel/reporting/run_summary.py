@@ -8,6 +8,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from coco_multilabel.callbacks.best_metrics import best_epoch
+from coco_multilabel.progress import plural
+
 SHOWN = (  # the objective comes first; then these, when logged
     ("val/macro_f1_tuned", "val/macro_f1_tuned (tuned on val)"),
     ("val/macro_f1", "val/macro_f1 (at 0.5)"),
@@ -18,7 +21,9 @@ SHOWN = (  # the objective comes first; then these, when logged
 
 def describe_phases(phases: list[dict]) -> str:
     """``top: 15 epochs, top on cache; ...``: what each phase of the schedule ran."""
-    return "; ".join(f"{p['name']}: {p['epochs']} epochs, {p['train']} on {p['inputs']}" for p in phases)
+    return "; ".join(
+        f"{p['name']}: {plural(p['epochs'], 'epoch')}, {p['train']} on {p['inputs']}" for p in phases
+    )
 
 
 def next_commands(summary: dict, run_dir: str | Path, data_root: str) -> dict[str, str]:
@@ -35,12 +40,12 @@ def summary_table(summary: dict, run_dir: str | Path, data_root: str) -> Table:
     table.add_column(overflow="fold")  # paths in full, folded, never cut
     if summary.get("phases"):
         table.add_row("phases", describe_phases(summary["phases"]))
-    if "epoch" in summary:
-        table.add_row("best epoch", f"{summary['epoch'] + 1} of {summary['epochs']}")
+    if (best := best_epoch(summary)) is not None:
+        table.add_row("best epoch", f"{best} of {summary['epochs']}")
     if cut := summary.get("cut_epoch"):
         table.add_row(
             "cut short",
-            f"epoch {cut['epoch'] + 1} by trainer.max_time, after {cut['batches']} of {cut['of']} batches",
+            f"epoch {cut['epoch']} by trainer.max_time, after {cut['batches']} of {cut['of']} batches",
         )
     objective = summary.get("objective")
     if summary.get("best_score") is not None:
