@@ -3,6 +3,7 @@ over the whole run, in the log, in result.json, in the summary and in the report
 
 import io
 import json
+import logging
 import os
 import pty
 import re
@@ -132,3 +133,24 @@ def test_in_a_terminal_the_epoch_lines_go_to_train_log_only(tiny_root, tmp_path)
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
     assert "epoch 1/2" not in shown.decode(errors="replace")  # the log lines stayed off the terminal
     assert "best epoch" in shown.decode(errors="replace")  # while the run's output came through
+
+
+def test_submit_and_check_data_print_lines_when_their_output_goes_to_a_file(
+    tiny_root, monkeypatch, caplog, capsys
+):
+    """Predicting thousands of images (submit, report) and checking a data root are long steps:
+    outside a terminal each says how far it got instead of drawing a bar nobody sees."""
+    from coco_multilabel.data.checks import check_data
+    from coco_multilabel.models.inference import predict_files
+    from tests.test_precision import model
+
+    paths = sorted((tiny_root / "images" / "train").glob("*.jpg"))
+    checkpoint = {"datamodule_hyper_parameters": {"image_size": 32}}
+    with caplog.at_level(logging.INFO, logger="coco_multilabel.progress"):
+        probs, _ = predict_files(model(), checkpoint, paths, batch_size=8, num_workers=0, accelerator="cpu")
+    assert len(probs) == 48
+    assert re.search(r"predicting: done, 48 images in \w+, [\d.]+ images/s", caplog.text)
+    assert "Predicting" not in capsys.readouterr().out  # no bar's last frame
+    monkeypatch.setattr("coco_multilabel.data.checks.PROGRESS_FROM", 0)
+    check_data(tiny_root, progress=True)
+    assert re.search(r"checking images: done, 56 images in \w+", capsys.readouterr().err)
