@@ -59,11 +59,17 @@ class ProgressLines:
         unit: str = "image",
         write: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        every_s: float = EVERY_S,
+        min_gap_s: float = MIN_GAP_S,
+        started: float | None = None,
     ):
+        """``every_s``, ``min_gap_s``: the longest and shortest gap between lines; ``started``: when
+        the step began, on ``clock`` (default: now)."""
         self.what, self.total, self.unit = what, max(0, int(total)), unit
         self.write = write or log.info
         self.clock = clock
-        self.started = self.last_time = clock()
+        self.every_s, self.min_gap_s = every_s, min_gap_s
+        self.started = self.last_time = clock() if started is None else started
         self.done = self.last_done = 0
 
     def advance(self, count: int = 1) -> None:
@@ -74,7 +80,7 @@ class ProgressLines:
         now = self.clock()
         gap = now - self.last_time
         far_enough = self.total and (done - self.last_done) >= EVERY_FRACTION * self.total
-        if gap >= EVERY_S or (far_enough and gap >= MIN_GAP_S and done < self.total):
+        if gap >= self.every_s or (far_enough and gap >= self.min_gap_s and done < self.total):
             self.write(self.line(now))
             self.last_time, self.last_done = now, done
 

@@ -47,6 +47,25 @@ def test_lines_come_every_tenth_of_the_way_and_every_30_seconds_but_not_in_burst
     assert lines[-1] == "building the feature cache: done, 1,000 images in 35s, 28.6 images/s"
 
 
+def test_within_an_epoch_a_line_comes_each_tenth_of_the_way_at_most_once_a_minute():
+    clock, lines = Clock(), []
+    clock.now = 100.0
+    within = ProgressLines("epoch 3/10 (finetune)", 1280, write=lines.append, clock=clock,
+                           every_s=float("inf"), min_gap_s=60, started=90.0)  # fmt: skip
+    for _ in range(4):  # 50 % in 40 s: no line yet
+        clock.now += 10
+        within.advance(160)
+    assert lines == []
+    clock.now += 11
+    within.advance(128)  # 60 %, 61 s after the epoch started
+    assert lines == [
+        "epoch 3/10 (finetune): 768 of 1,280 images (60 %), 12.6 images/s, 1m01s elapsed, ETA 41s"
+    ]
+    clock.now += 600  # slow, but a tenth more is not done: the epoch line will tell
+    within.advance(10)
+    assert len(lines) == 1
+
+
 def test_a_step_written_to_a_file_prints_lines_and_in_a_terminal_a_bar(monkeypatch):
     out = io.StringIO()  # not a terminal
     assert list(track(range(5), "checking images", 5, stream=out)) == list(range(5))

@@ -10,6 +10,7 @@ the GPU after every batch, and warns unless the model counts its FLOPs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import lightning as L
@@ -21,6 +22,8 @@ from coco_multilabel.callbacks.best_metrics import BestMetrics
 from coco_multilabel.progress import ProgressLines, duration, is_terminal
 
 log = logging.getLogger(__name__)
+
+WITHIN_EPOCH_GAP_S = 60.0  # a line within an epoch at most this often (and each tenth of the way)
 
 
 class ImagesPerSecond(ProgressColumn):
@@ -89,7 +92,8 @@ class PredictProgress(L.Callback):
 class RunProgress(PredictProgress):
     """A line per epoch: phase, epoch k/n over the run, train loss, the val objective and the best
     so far, images per second, elapsed time (over resumes, from the run's budget) and the time left;
-    and the lines of :class:`PredictProgress` while the feature cache is built.
+    within an epoch that runs for minutes, a line each tenth of it, at most once a minute; and the
+    lines of :class:`PredictProgress` while the feature cache is built.
 
     The lines go to the log, which Hydra writes to stdout and the run's ``<job>.log``. In a terminal,
     where the bar shows all this, the epoch lines go to the log files only.
@@ -105,6 +109,7 @@ class RunProgress(PredictProgress):
         self.epoch_times: dict[int, list[float]] = {}  # phase index -> its epochs' durations here
         self.epoch_start = self.train_end = None
         self.images = 0
+        self.within: ProgressLines | None = None  # lines within a long epoch
 
     def where(self, trainer, pl_module) -> str:
         """``epoch 3/17 (probe, phase 1/2)``: epoch k of n over the run, from 1, and its phase."""
@@ -121,9 +126,21 @@ class RunProgress(PredictProgress):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_start, self.train_end, self.images = time.monotonic(), None, 0
+        self.within = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.images += len(batch[0]) * trainer.world_size
+        images = len(batch[0]) * trainer.world_size
+        self.images += images
+        batches = trainer.num_training_batches
+        if self.within is None and trainer.is_global_zero and not is_terminal() and math.isfinite(batches):
+            # a long epoch (full fine-tuning of 65k images) also says how far it got; epochs of
+            # seconds print only their epoch line
+            self.within = ProgressLines(
+                self.where(trainer, pl_module), int(batches * images), every_s=math.inf,
+                min_gap_s=WITHIN_EPOCH_GAP_S, started=self.epoch_start,
+            )  # fmt: skip
+        if self.within is not None:
+            self.within.advance(images)
 
     def on_validation_start(self, trainer, pl_module):
         if not trainer.sanity_checking and self.epoch_start is not None and self.train_end is None:

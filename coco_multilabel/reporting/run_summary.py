@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coco_multilabel.callbacks.best_metrics import best_epoch
-from coco_multilabel.progress import plural
+from coco_multilabel.progress import is_terminal, plural
 
 SHOWN = (  # the objective comes first; then these, when logged
     ("val/macro_f1_tuned", "val/macro_f1_tuned (tuned on val)"),
@@ -70,7 +70,8 @@ def summary_table(summary: dict, run_dir: str | Path, data_root: str) -> Table:
 
 @rank_zero_only
 def print_summary(summary: dict, run_dir: str | Path, data_root: str) -> None:
-    console = Console()
+    # written to a file, rich would fold the table at 80 columns, paths included: as wide as it needs
+    console = Console() if is_terminal() else Console(width=200)
     console.print(summary_table(summary, run_dir, data_root))
     for what, command in next_commands(summary, run_dir, data_root).items():
         console.print(f"{what}: [bold]{command}[/bold]", soft_wrap=True)  # one line: copy and paste
