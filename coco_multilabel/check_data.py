@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="decode every image (slower, finds more damage)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    findings = check_data(args.root, args.full, progress=sys.stderr.isatty())
+    findings = check_data(args.root, args.full, progress=True)
     print(findings.report())
     print(f"({time.perf_counter() - start:.1f} s)")
     return 1 if findings.errors else 0

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_text_atomic
+from coco_multilabel.library_messages import quiet_library_messages
 from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
 from coco_multilabel.training.precision import device_precision, eval_precision_of
 
@@ -54,6 +55,7 @@ OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=Tru
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
 OmegaConf.register_new_resolver("device_precision", device_precision, replace=True)
 OmegaConf.register_new_resolver("eval_precision_of", eval_precision_of, replace=True)
+quiet_library_messages()  # every entry point imports this module
 
 
 def in_multirun() -> bool:

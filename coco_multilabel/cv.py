@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
+from coco_multilabel.callbacks.best_metrics import best_epoch
 from coco_multilabel.cli import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datasets import check_data_root, labelled_stems
 from coco_multilabel.data.folds import load_or_make_folds
@@ -78,7 +79,7 @@ def refit(data: str, k: int, cv_dir: Path, overrides: list[str], record: dict) -
     """One model on every labelled image for the mean of the folds' best epoch counts, given the
     out-of-fold thresholds: ``DIR/refit/checkpoints/refit.ckpt``. Skipped when done, resumed when not."""
     run_dir = cv_dir / "refit"
-    chosen = [f["epochs"] if f["best_epoch"] is None else f["best_epoch"] + 1 for f in record["folds"]]
+    chosen = [f["best_epoch"] or f["epochs"] for f in record["folds"]]  # best_epoch counts from 1
     epochs = max(1, round(sum(chosen) / len(chosen)))
     previous = read_result(run_dir)
     if not (previous and previous.get("status") == "done"):
@@ -120,7 +121,7 @@ def oof_table(cv_dir: Path, seed: int = 0) -> dict:
     scores = oof_scores(probs, targets, tuning, seed)
     folds = [
         {"fold": m.fold, "checkpoint": str(m.path), "val_images": len(m.split["val"]),
-         "best_epoch": m.result.get("epoch"), "epochs": m.result.get("epochs"),
+         "best_epoch": best_epoch(m.result), "epochs": m.result.get("epochs"),
          "objective": m.result.get("objective"), "best_score": m.result.get("best_score"),
          "wall_s": m.result.get("wall_s")}
         for m in members
@@ -145,7 +146,7 @@ def markdown(record: dict) -> str:
     lines += [f"| fold | val images | best epoch | {objective} cross-fitted on its val | wall time (s) |",
               "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for f in record["folds"]:
-        epoch = "" if f["best_epoch"] is None else f"{f['best_epoch'] + 1} of {f['epochs']}"
+        epoch = "" if f["best_epoch"] is None else f"{f['best_epoch']} of {f['epochs']}"
         lines.append(
             f"| {f['fold']} | {f['val_images']} | {epoch} | {_num(f['best_score'])} | {_num(f['wall_s'])} |"
         )

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     start = time.perf_counter()
-    path = report(args.dir, args.data, args.out, progress=sys.stderr.isatty(), top=args.top)
+    path = report(args.dir, args.data, args.out, top=args.top)  # progress: a bar, or lines in a log
     print(f"report written to {path} ({time.perf_counter() - start:.1f} s)")
 
 

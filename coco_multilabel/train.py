@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from coco_multilabel.callbacks.best_metrics import run_summary
 from coco_multilabel.callbacks.budget import RunBudget, parse_duration
+from coco_multilabel.callbacks.progress import RunProgress
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.cli import CONFIG_DIR, report_user_errors
 from coco_multilabel.data.datasets import check_data_root
@@ -65,7 +66,11 @@ def train(cfg: DictConfig) -> dict:
     )
     if any(phase.inputs == "cache" and phase.epochs for phase in phases):
         datamodule.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
-    callbacks = [*(instantiate(c) for c in cfg.callbacks.values() if c), budget]
+    callbacks = [
+        *(instantiate(c) for c in cfg.callbacks.values() if c),
+        budget,
+        RunProgress(phases, budget.elapsed),
+    ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     # the budget and the epoch cap are the run's, over all phases; a half-written checkpoint is never wanted
     trainer = instantiate(

@@ -25,8 +25,9 @@ def test_report_of_a_run_embeds_every_figure_and_the_config(tensorboard_run, tmp
     assert "backbone:" in page and "mobilenet_v3_small" in page  # the config
     assert (tmp_path / "report" / "val.probs.pt").is_file()  # kept for the next report
     series = read_scalars(run_dir)
-    assert [epoch for epoch, _ in series["val/macro_f1_xfit"]] == [0, 1]
-    assert [epoch for epoch, _ in series["lr-AdamW/head"]] == [0, 1]
+    # epochs as a person counts them, also for the learning rate (logged without its epoch)
+    assert [epoch for epoch, _ in series["val/macro_f1_xfit"]] == [1, 2]
+    assert [epoch for epoch, _ in series["lr-AdamW/head"]] == [1, 2]
 
 
 def test_a_run_without_best_checkpoint_or_data_is_reported_with_notes(tensorboard_run, tmp_path):
@@ -37,13 +38,14 @@ def test_a_run_without_best_checkpoint_or_data_is_reported_with_notes(tensorboar
     (running / "csv").mkdir()  # a run logged by the CSV logger
     (running / "csv" / "metrics.csv").write_text(
         "epoch,lr-AdamW,step,train/loss_epoch,val/loss\n,0.1,0,,\n0,,1,0.7,\n0,,1,,0.6\n,0.2,2,,\n"
+        ",0.25,2,,\n1,,3,0.5,\n"  # killed in its second epoch, resumed: that epoch's start logged again
     )
     page = report(running, progress=False).read_text()
     assert "still going" in page and "no checkpoints/best.ckpt yet" in page
-    assert read_scalars(running) == {
-        "lr-AdamW": [(0.0, 0.1), (1.0, 0.2)],
-        "train/loss_epoch": [(0.0, 0.7)],
-        "val/loss": [(0.0, 0.6)],
+    assert read_scalars(running) == {  # epochs from 1; the resumed epoch once, as it ran last
+        "lr-AdamW": [(1, 0.1), (2, 0.25)],
+        "train/loss_epoch": [(1, 0.7), (2, 0.5)],
+        "val/loss": [(1, 0.6)],
     }
     assert (running / "report" / "class_frequency.png").is_file()
     (running / ".hydra" / "config.yaml").unlink()  # nothing says where the data is

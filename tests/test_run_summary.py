@@ -19,7 +19,7 @@ def test_the_summary_names_the_best_epoch_its_files_and_the_exact_submit_line(te
     rows = {
         line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if "│" in line
     }
-    assert rows["best epoch"] == f"{summary['epoch'] + 1} of 2"
+    assert rows["best epoch"] == f"{summary['best_epoch']} of 2"
     assert rows["val/macro_f1_xfit (picks best.ckpt)"] == f"{summary['best_score']:.4f}"
     assert {"val/map", "threshold (global)", "best checkpoint", "thresholds", "report"} <= set(rows)
     # the commands are never wrapped: they are meant to be copied

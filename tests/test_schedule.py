@@ -123,7 +123,7 @@ def test_the_budget_covers_the_whole_run_and_a_cut_epoch_says_so(train_cfg, tmp_
         )
     )
     # no time at all: the run stops after one batch of the first epoch, and says so
-    assert summary["cut_epoch"] == {"epoch": 0, "batches": 1, "of": 2}
+    assert summary["cut_epoch"] == {"epoch": 1, "batches": 1, "of": 2}  # the first epoch, counted from 1
     assert (
         torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["phase"]["index"] == 0
     )

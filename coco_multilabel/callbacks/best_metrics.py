@@ -27,18 +27,29 @@ class BestMetrics(L.Callback):
             if (value <= previous) if self.mode == "max" else (value >= previous):
                 return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        self.best = {**metrics, "epoch": trainer.current_epoch}
+        self.best = {**metrics, "best_epoch": trainer.current_epoch + 1}  # from 1, as people count
 
     def state_dict(self) -> dict:
         return {"best": self.best}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict["best"]
+        if self.best is not None and "epoch" in self.best:  # saved before epochs were counted from 1
+            self.best["best_epoch"] = self.best.pop("epoch") + 1
+
+
+def best_epoch(result: dict) -> int | None:
+    """The best epoch, counted from 1, of a summary or ``result.json`` (older ones kept the
+    0-based ``epoch``)."""
+    if result.get("best_epoch") is not None:
+        return result["best_epoch"]
+    return None if result.get("epoch") is None else result["epoch"] + 1
 
 
 def run_summary(trainer: L.Trainer) -> dict:
-    """What a finished fit reports: the best checkpoint, its score, the epochs, and the val metrics
-    of the best epoch (of the last one when no BestMetrics callback kept them)."""
+    """What a finished fit reports: the best checkpoint, its score, the epochs run (``epochs``) and
+    the best one (``best_epoch``, counted from 1, over every phase), and the val metrics of the best
+    epoch (of the last one when no BestMetrics callback kept them)."""
     checkpoint = trainer.checkpoint_callback
     score = checkpoint.best_model_score if checkpoint else None
     best_epoch = next((c.best for c in trainer.callbacks if isinstance(c, BestMetrics)), None)

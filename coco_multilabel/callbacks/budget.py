@@ -33,7 +33,7 @@ class RunBudget(L.Callback):
         self.seconds = seconds
         self.started = time.monotonic() if started is None else started
         self.spent_before = 0.0  # by the run this one resumes
-        self.cut: dict | None = None  # the epoch the budget cut short: {epoch, batches, of}
+        self.cut: dict | None = None  # the epoch the budget cut short: {epoch (from 1), batches, of}
 
     def elapsed(self) -> float:
         return self.spent_before + time.monotonic() - self.started
@@ -47,7 +47,7 @@ class RunBudget(L.Callback):
         trainer.should_stop = True
         if batch_idx + 1 < trainer.num_training_batches:
             self.cut = {
-                "epoch": trainer.current_epoch,
+                "epoch": trainer.current_epoch + 1,
                 "batches": batch_idx + 1,
                 "of": trainer.num_training_batches,
             }

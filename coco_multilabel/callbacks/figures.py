@@ -57,7 +57,9 @@ class ValidationFigures(L.Callback):
         rows = per_class_table(probs > thresholds, targets, names)
         counts = count_table(probs, targets)  # shared by two figures: the slow part at 10k images
         figures = {
-            "val/per_class_f1": plots.per_class_figure(rows),
+            "val/per_class_f1": plots.per_class_figure(
+                rows, f"per-class F1 on val, epoch {trainer.current_epoch + 1}"
+            ),
             "val/pr_curves": plots.pr_curves_figure(probs, targets, names, counts=counts),
             "val/f1_vs_threshold": plots.threshold_figure(
                 probs, targets, (tuner.tuned or {}).get("global_threshold"), tuner.objective, counts

@@ -9,20 +9,20 @@ an error there.
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.data.datasets import IMAGE_SUFFIXES
 from coco_multilabel.data.images import DECODE_ERRORS, JPEG_MAGIC, image_problem
 from coco_multilabel.data.labels import LABEL_ERRORS, LABEL_WARNINGS, decode_label_bytes, inspect_label_text
 from coco_multilabel.errors import UserError
+from coco_multilabel.progress import progress as progress_of
 
 FOLDERS = ("images/train", "labels/train", "images/test")
 LAST = NUM_CLASSES - 1
@@ -88,7 +88,8 @@ class Findings:
 
 
 def check_data(root: str | Path, full: bool = False, progress: bool = False) -> Findings:
-    """Every problem of the data root ``root``; ``full`` decodes each image instead of its header."""
+    """Every problem of the data root ``root``; ``full`` decodes each image instead of its header;
+    ``progress``: a bar on stderr in a terminal, else a line every 30 s or 10 %."""
     root = Path(root).expanduser()
     findings = Findings(root, full)
     entries = {}
@@ -159,18 +160,15 @@ def check_label_file(path: Path, name: str, findings: Findings) -> None:
 def check_images(root: Path, paths: list[Path], full: bool, progress: bool, findings: Findings) -> None:
     """Header checks are I/O-bound and decoding releases the GIL: threads speed up both."""
     workers = min(8, len(os.sched_getaffinity(0)) * 2)
+    shown = progress and len(paths) >= PROGRESS_FROM
     with (
         ThreadPoolExecutor(workers) as pool,
-        Progress(
-            TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=True, disable=not progress or len(paths) < PROGRESS_FROM,
-        ) as bar,
-    ):  # fmt: skip
-        task = bar.add_task("images", total=len(paths))
+        progress_of("checking images", len(paths), stream=sys.stderr, enabled=shown) as bar,
+    ):
         for path, problem in zip(paths, pool.map(lambda p: image_problem(p, full), paths), strict=True):
             if problem:
                 findings.add(problem, str(path.relative_to(root)))
-            bar.advance(task)
+            bar.advance()
 
 
 def bad_headers(paths: list[Path]) -> list[tuple[Path, str]]:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
-from rich.progress import track
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
@@ -33,6 +32,7 @@ from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import disk_free, existing_parent, human_bytes
 from coco_multilabel.resources import job_memory_available
+from coco_multilabel.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,17 @@ def cache_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+LAST_USE = "last_use"  # an empty file each load touches: its mtime is when the cache was last read
+
+
+def mark_used(folder: Path) -> None:
+    """Record a read for ``make clean-cache`` (access times are not kept on most mounts, relatime)."""
+    try:
+        (Path(folder) / LAST_USE).touch()
+    except OSError:  # a read-only copy of the cache is still a cache
+        pass
+
+
 def is_complete(folder: Path) -> bool:
     """A cache folder appears by a rename once complete; ``stems.json`` is written last before it."""
     return (Path(folder) / "stems.json").is_file()
@@ -85,6 +96,7 @@ class FeatureCache:
         loading it each (``in_memory=None``), memory-mapped otherwise (the page cache serves
         repeated reads)."""
         folder = Path(folder)
+        mark_used(folder)
         names = [name for name in ARRAYS if (folder / name).exists()]
         if in_memory is None:
             mapped = [np.load(folder / name, mmap_mode="r") for name in names]
@@ -236,10 +248,61 @@ def finish(tmp: Path, folder: Path, stems: list[str], ranks: int, key_info: dict
 
 
 def unfinished_folder(folder: Path) -> Path:
-    """Where this process builds ``folder``; what killed builds left is removed (call under the lock)."""
-    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+    """Where this process builds ``folder`` (call under its lock); what killed builds left, of this
+    cache or any other, is removed first."""
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # ours: we hold its lock
         shutil.rmtree(stale, ignore_errors=True)
+    for leftover in leftover_builds(folder.parent):
+        remove_leftover(leftover)
     return folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+
+
+def leftover_builds(cache_dir: str | Path) -> list[Path]:
+    """The unfinished folders (``.<key>.<pid>.tmp``) of builds that were killed: no process holds
+    their cache's lock, and their process is not running on this machine."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    return [
+        p for p in sorted(cache_dir.glob(".*.tmp"))
+        if p.is_dir() and not builder_alive(p) and not is_locked(p)
+    ]  # fmt: skip
+
+
+def remove_leftover(folder: Path) -> bool:
+    """Delete a killed build's folder holding its cache's lock; False when a builder has it now."""
+    try:
+        with cache_lock(folder).acquire(timeout=0):
+            if builder_alive(folder):
+                return False
+            shutil.rmtree(folder, ignore_errors=True)
+    except Timeout:
+        return False
+    log.info("removed %s, left by a killed feature cache build", folder)
+    return True
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether a process holds the lock of ``folder``'s cache now (listing creates no lock file)."""
+    lock = cache_lock(folder)
+    if not Path(lock.lock_file).exists():
+        return False
+    try:
+        with lock.acquire(timeout=0):
+            return False
+    except Timeout:
+        return True
+
+
+def builder_alive(folder: Path) -> bool:
+    """``.<key>.<pid>.tmp``: is ``pid`` a running process here?"""
+    try:
+        os.kill(int(folder.name.split(".")[-2]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cache_lock(folder: Path) -> FileLock:
@@ -285,7 +348,10 @@ def build_or_load(
             )
             writer = None
             with torch.no_grad():
-                for images, _, _, indices in track(loader, description=f"caching {len(image_paths)} images"):
+                batches = track(
+                    loader, "building the feature cache", len(image_paths), count=lambda b: len(b[0])
+                )
+                for images, _, _, indices in batches:
                     features = extract(images)
                     if writer is None:
                         create_arrays(tmp, len(image_paths), features, flip)

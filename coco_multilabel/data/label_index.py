@@ -27,6 +27,7 @@ from coco_multilabel.io import write_bytes_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "outputs/cache"
+INDEX_FOLDER = "labels"  # in the cache folder, beside the feature caches (which are not it)
 VERSION = 1  # of the file's layout: another version is rebuilt, never misread
 
 
@@ -60,7 +61,7 @@ class LabelIndex:
 
 def index_file(label_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     name = hashlib.sha256(str(Path(label_dir).resolve()).encode()).hexdigest()[:20]
-    return Path(cache_dir) / "labels" / f"{name}.npz"
+    return Path(cache_dir) / INDEX_FOLDER / f"{name}.npz"
 
 
 def scan_label_files(label_dir: Path) -> tuple[list[str], list[int], list[int]]:

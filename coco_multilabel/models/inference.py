@@ -9,10 +9,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from coco_multilabel.callbacks.progress import PredictProgress
 from coco_multilabel.data.datamodule import default_num_workers
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.transforms import checkpoint_eval_transform
 from coco_multilabel.models.classifier import MultiLabelClassifier
+from coco_multilabel.progress import is_terminal
 from coco_multilabel.training.precision import use_tensor_cores
 
 
@@ -38,9 +40,12 @@ def predict_files(
         paths, transform=checkpoint_eval_transform(checkpoint, size), min_side=size, on_bad_image=on_bad_image
     )
     readable = ReadableImages()
+    # progress: a bar in a terminal, else a line every 30 s or 10 % (a bar written to a file shows
+    # only its last frame)
+    lines = [PredictProgress()] if progress_bar and not is_terminal() else []
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=progress_bar,
-        enable_model_summary=False, callbacks=[readable],
+        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=progress_bar and not lines,
+        enable_model_summary=False, callbacks=[readable, *lines],
     )  # fmt: skip
     use_tensor_cores(trainer)  # as training set it: validation and submit multiply alike
     # uint8 batches (a quarter of float32's bytes), pinned for the copy to a GPU, normalised there

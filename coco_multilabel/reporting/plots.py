@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # TensorBoard's add_figure imports pyplot: never open a w
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve  # noqa: E402
 
 from coco_multilabel.decisions.thresholds import GRID, count_table  # noqa: E402
@@ -30,6 +31,11 @@ def png(figure: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def beside(ax, **kwargs) -> None:
+    """The legend right of the axes, where it covers no data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, **kwargs)
 
 
 def per_class_figure(rows: list[dict], title: str = "per-class F1 on val") -> Figure:
@@ -48,8 +54,8 @@ def per_class_figure(rows: list[dict], title: str = "per-class F1 on val") -> Fi
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlim(0, 1)
     ax.set_xlabel("score (val positives in brackets)")
-    ax.set_title(f"{title}: macro F1 {np.mean([r['f1'] for r in rows]):.3f}")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(f"{title}: macro F1 {np.mean([r['f1'] for r in rows]):.3f}", loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=3, fontsize=7)  # above the bars
     ax.grid(axis="x", alpha=0.3)
     return figure
 
@@ -82,7 +88,7 @@ def pr_curves_figure(
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="lower left")
+    beside(ax, fontsize=7)
     ax.grid(alpha=0.3)
     return figure
 
@@ -107,7 +113,7 @@ def threshold_figure(
     ax.set_xlabel("threshold")
     ax.set_ylabel("score")
     ax.set_xlim(0, 1)
-    ax.legend(fontsize=8)
+    beside(ax, fontsize=8)
     ax.grid(alpha=0.3)
     return figure
 
@@ -144,7 +150,7 @@ SCORES = ("val/macro_f1", "val/macro_f1_tuned", "val/map", "train/macro_f1", "tr
 
 
 def learning_curves_figure(series: dict[str, list[tuple[float, float]]]) -> Figure:
-    """Loss, scores and learning rate per epoch, from ``{tag: [(epoch, value), ...]}``."""
+    """Loss, scores and learning rate per epoch, from ``{tag: [(epoch, value), ...]}`` (epochs from 1)."""
     panels = {
         "loss": [t for t in series if t.endswith("loss") or t.endswith("loss_epoch")],
         "scores": [t for t in series if t in SCORES or t.endswith("_xfit")],
@@ -161,17 +167,18 @@ def learning_curves_figure(series: dict[str, list[tuple[float, float]]]) -> Figu
 def curves_figure(series: dict[str, list[tuple[float, float]]], title: str) -> Figure:
     """One line per ``{label: [(epoch, value)]}`` on one panel: a metric across a sweep's jobs."""
     figure = Figure(figsize=(7, 4.5), layout="constrained")
-    _curves(figure.subplots(), series, title)
+    _curves(figure.subplots(), series, title, legend_columns=2)
     return figure
 
 
-def _curves(ax, series: dict[str, list[tuple[float, float]]], title: str) -> None:
+def _curves(ax, series: dict[str, list[tuple[float, float]]], title: str, legend_columns: int = 1) -> None:
     for label, points in series.items():
         epochs, values = zip(*points, strict=True)
         ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=label)
     ax.set_title(title)
     ax.set_xlabel("epoch")
-    ax.legend(fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epoch 1, 2, 3: never 0.25
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.17), ncol=legend_columns)
     ax.grid(alpha=0.3)
 
 
@@ -188,27 +195,31 @@ def class_frequency_figure(
     ax.set_xticks(x, [names[i] for i in order], rotation=90, fontsize=6)
     ax.set_xlim(-0.7, len(names) - 0.3)
     ax.set_ylabel("share of images holding the class")
-    ax.set_title("class frequency")
-    ax.legend()
+    ax.set_title("class frequency", loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=2, fontsize=8)  # above the bars
     ax.grid(axis="y", alpha=0.3)
     return figure
 
 
 def mistakes_figure(rows: list[tuple[str, list[tuple[np.ndarray, str]]]]) -> Figure:
-    """One row per class: thumbnails with a caption each (``[(class title, [(image, caption)])]``)."""
+    """One row per class: its title on a line of its own, then thumbnails with a caption each
+    (``[(class title, [(image, caption)])]``). Each row is a subfigure, so the layout keeps a title
+    clear of the thumbnails and captions of the rows above and below it."""
     columns = max([len(items) for _, items in rows] + [1])
-    figure = Figure(figsize=(2 * columns, 2.3 * len(rows) + 0.3), layout="constrained")
-    axes = np.array(figure.subplots(len(rows), columns, squeeze=False))
-    for (title, items), row in zip(rows, axes, strict=True):
-        row[0].set_title(title, loc="left", fontsize=9, fontweight="bold")  # over the first thumbnail
-        for ax, (image, caption) in zip(row, items, strict=False):
-            ax.imshow(image)
-            ax.set_xlabel(caption, fontsize=6)
-        for ax in row:
+    figure = Figure(figsize=(2 * columns, 2.6 * len(rows)), layout="constrained")
+    for (title, items), row in zip(rows, np.atleast_1d(figure.subfigures(len(rows), 1)), strict=True):
+        row.suptitle(title, x=0.01, ha="left", fontsize=9, fontweight="bold")
+        for ax, item in zip(
+            np.atleast_1d(row.subplots(1, columns)), [*items, *[None] * columns], strict=False
+        ):
             ax.set_xticks([])
             ax.set_yticks([])
-            if not ax.images:
+            if item is None:
                 ax.axis("off")
+                continue
+            image, caption = item
+            ax.imshow(image)
+            ax.set_xlabel(caption, fontsize=6)
     return figure
 
 
@@ -223,7 +234,7 @@ def sweep_figure(labels: Sequence[str], metrics: dict[str, Sequence[float | None
         ax.bar(x + (i - (len(metrics) - 1) / 2) * width, heights, width, label=name)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("val score of the best epoch")
-    ax.set_title("jobs of the sweep, best first")
-    ax.legend(fontsize=8)
+    ax.set_title("jobs of the sweep, best first", loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=len(metrics), fontsize=8)  # above the bars
     ax.grid(axis="y", alpha=0.3)
     return figure

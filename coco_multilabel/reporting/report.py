@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from coco_multilabel.callbacks.best_metrics import best_epoch
 from coco_multilabel.classes import COCO_CLASSES, NUM_CLASSES
 from coco_multilabel.data.datasets import check_data_root
 from coco_multilabel.data.images import load_rgb
@@ -50,6 +51,7 @@ from coco_multilabel.models.ensemble import (
     split_kind,
 )
 from coco_multilabel.models.inference import predict_files
+from coco_multilabel.progress import plural
 from coco_multilabel.reporting import plots
 from coco_multilabel.sweeps.job import read_result
 from coco_multilabel.sweeps.summary import collect
@@ -145,7 +147,7 @@ def overview(run_dir: Path, result: dict) -> Section:
         "status": status,
         "objective": result.get("objective"),
         "best score": result.get("best_score"),
-        "epochs": result.get("epochs"),
+        "best epoch": epoch_of_run(result),
         "wall time (s)": result.get("wall_s"),
         "best checkpoint": result.get("best_checkpoint"),
         "overrides": " ".join(result.get("overrides", [])),
@@ -156,9 +158,17 @@ def overview(run_dir: Path, result: dict) -> Section:
     return Section("Overview", body)
 
 
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    """Per-epoch scalars ``{tag: [(epoch, value)]}`` from the TensorBoard events, else the CSV logger;
-    a resumed run's repeated epoch keeps its last value."""
+def epoch_of_run(result: dict) -> str | None:
+    """``3 of 15``: the best epoch of a run's ``epochs``, counted from 1."""
+    best, epochs = best_epoch(result), result.get("epochs")
+    if best is None:
+        return None if epochs is None else f"- of {epochs}"
+    return f"{best} of {epochs}"
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch scalars ``{tag: [(epoch, value)]}``, epochs counted from 1 over the whole run, from
+    the TensorBoard events, else the CSV logger; a resumed run's repeated epoch keeps its last value."""
     if any((run_dir / "tensorboard").glob("events.out.tfevents.*")):
         return _tensorboard_scalars(run_dir / "tensorboard")
     if (run_dir / "csv" / "metrics.csv").is_file():
@@ -172,30 +182,39 @@ def _tensorboard_scalars(folder: Path) -> dict:
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})
     events.Reload()
     tags = events.Tags()["scalars"]
-    epoch_of = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in tags else {}
+    epoch_of = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
     series = {}
     for tag in tags:
         if tag == "epoch" or tag.endswith("_step"):
             continue
         scalars = events.Scalars(tag)
         if all(e.step in epoch_of for e in scalars):
-            series[tag] = sorted({epoch_of[e.step]: e.value for e in scalars}.items())
-        else:  # logged without the epoch (LearningRateMonitor): once per epoch, in order
-            series[tag] = [(float(i), e.value) for i, e in enumerate(scalars)]
+            series[tag] = sorted({epoch_of[e.step] + 1: e.value for e in scalars}.items())
+        else:
+            series[tag] = _once_per_epoch({e.step: e.value for e in scalars})
     return series
 
 
+def _once_per_epoch(by_step: dict[int, float]) -> list[tuple[int, float]]:
+    """A tag logged without the epoch (LearningRateMonitor, at each epoch's start): one value per
+    step, the last one (a resumed epoch starts again at the same step), numbered 1, 2, ..."""
+    return [(i + 1, value) for i, (_, value) in enumerate(sorted(by_step.items()))]
+
+
 def _csv_scalars(path: Path) -> dict:
-    series: dict[str, dict] = {}
+    by_epoch: dict[str, dict] = {}
+    by_step: dict[str, dict] = {}  # rows without an epoch, as above
     with path.open(newline="") as file:
         for row in csv.DictReader(file):
             for tag, value in row.items():
                 if tag in ("epoch", "step") or tag.endswith("_step") or value in ("", None):
                     continue
-                values = series.setdefault(tag, {})
-                epoch = float(row["epoch"]) if row.get("epoch") else float(len(values))  # as above
-                values[epoch] = float(value)
-    return {tag: sorted(values.items()) for tag, values in series.items()}
+                if row.get("epoch"):
+                    by_epoch.setdefault(tag, {})[int(float(row["epoch"])) + 1] = float(value)
+                else:
+                    by_step.setdefault(tag, {})[int(float(row.get("step") or 0))] = float(value)
+    series = {tag: sorted(values.items()) for tag, values in by_epoch.items()}
+    return {**series, **{tag: _once_per_epoch(values) for tag, values in by_step.items()}}
 
 
 def find_data_root(run_dir: Path, data_root: str | None) -> Path | None:
@@ -321,7 +340,10 @@ def worst_classes(root, stems, probs, targets, thresholds, rows) -> Section:
             )
             for i, kind in items
         ]
-        title = f"{r['name']}: F1 {r['f1']:.2f}, {r['support']} positives, {len(fp)} FP, {len(fn)} FN"
+        title = (
+            f"{r['name']}: F1 {r['f1']:.2f}, {plural(r['support'], 'val positive')}, "
+            f"{plural(len(fp), 'false positive')}, {plural(len(fn), 'false negative')}"
+        )
         figure_rows.append((title, [(image, caption) for image, caption in thumbs if image is not None]))
     if not figure_rows:
         return Section("Worst classes", note("no class has val positives"))
@@ -384,7 +406,7 @@ def sweep_sections(sweep_dir: Path, rows: list[dict]) -> list[Section]:
                 objective: r.get("best_score"),
                 "val/map": r.get("val/map"),
                 "val/macro_f1_tuned": r.get("val/macro_f1_tuned"),
-                "epochs": r.get("epochs"),
+                "best epoch": epoch_of_run(r),
                 "wall_s": r.get("wall_s"),
                 "report": job_link(r["job"])
                 if job_report.is_file()

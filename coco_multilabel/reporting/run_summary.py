@@ -8,6 +8,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from coco_multilabel.callbacks.best_metrics import best_epoch
+from coco_multilabel.progress import is_terminal, plural
+
 SHOWN = (  # the objective comes first; then these, when logged
     ("val/macro_f1_tuned", "val/macro_f1_tuned (tuned on val)"),
     ("val/macro_f1", "val/macro_f1 (at 0.5)"),
@@ -18,7 +21,9 @@ SHOWN = (  # the objective comes first; then these, when logged
 
 def describe_phases(phases: list[dict]) -> str:
     """``top: 15 epochs, top on cache; ...``: what each phase of the schedule ran."""
-    return "; ".join(f"{p['name']}: {p['epochs']} epochs, {p['train']} on {p['inputs']}" for p in phases)
+    return "; ".join(
+        f"{p['name']}: {plural(p['epochs'], 'epoch')}, {p['train']} on {p['inputs']}" for p in phases
+    )
 
 
 def describe_precision(summary: dict) -> str:
@@ -42,12 +47,12 @@ def summary_table(summary: dict, run_dir: str | Path, data_root: str) -> Table:
         table.add_row("phases", describe_phases(summary["phases"]))
     if summary.get("precision"):
         table.add_row("precision", describe_precision(summary))
-    if "epoch" in summary:
-        table.add_row("best epoch", f"{summary['epoch'] + 1} of {summary['epochs']}")
+    if (best := best_epoch(summary)) is not None:
+        table.add_row("best epoch", f"{best} of {summary['epochs']}")
     if cut := summary.get("cut_epoch"):
         table.add_row(
             "cut short",
-            f"epoch {cut['epoch'] + 1} by trainer.max_time, after {cut['batches']} of {cut['of']} batches",
+            f"epoch {cut['epoch']} by trainer.max_time, after {cut['batches']} of {cut['of']} batches",
         )
     objective = summary.get("objective")
     if summary.get("best_score") is not None:
@@ -72,7 +77,8 @@ def summary_table(summary: dict, run_dir: str | Path, data_root: str) -> Table:
 
 @rank_zero_only
 def print_summary(summary: dict, run_dir: str | Path, data_root: str) -> None:
-    console = Console()
+    # written to a file, rich would fold the table at 80 columns, paths included: as wide as it needs
+    console = Console() if is_terminal() else Console(width=200)
     console.print(summary_table(summary, run_dir, data_root))
     for what, command in next_commands(summary, run_dir, data_root).items():
         console.print(f"{what}: [bold]{command}[/bold]", soft_wrap=True)  # one line: copy and paste

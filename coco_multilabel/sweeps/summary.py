@@ -53,7 +53,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 
 
 COLUMNS = ["rank", "job", "status", "overrides", "best_score"]
-TRAILING = ["epochs", "wall_s", "device", "best_checkpoint", "error"]
+TRAILING = ["best_epoch", "epochs", "wall_s", "device", "best_checkpoint", "error"]  # best_epoch: from 1
 
 
 def tables(rows: list[dict]) -> tuple[str, str]:

@@ -115,6 +115,8 @@ class CacheBuilder(L.LightningModule):
     """What ``trainer.predict`` runs to build a cache: ``model.trunk_features`` of each image (and of
     its mirror image), written by dataset index; nothing is returned to the trainer."""
 
+    progress_description = "building the feature cache"  # what the progress lines call it
+
     def __init__(self, model, request):
         super().__init__()
         self.model, self.request = model, request

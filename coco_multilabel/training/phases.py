@@ -3,12 +3,15 @@ best checkpoint run on across phases while each phase builds its own optimizer a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 
 import lightning as L
 
 from coco_multilabel.callbacks.budget import RunBudget
 from coco_multilabel.models.checkpoints import read_checkpoint
+from coco_multilabel.progress import plural
 from coco_multilabel.training.cache_build import ensure_feature_cache
 from coco_multilabel.training.schedule import INPUTS, TRAINS, Phase, phase_ends, resume_phase
 
@@ -27,8 +30,9 @@ def fit_phases(
         if not phase.epochs and not resuming:
             continue
         log.info(
-            "phase %d of %d, %s: %d epochs training %s, on %s",
-            index + 1, len(phases), phase.name, phase.epochs, TRAINS[phase.train].split(";")[0],
+            "phase %d of %d, %s: %s (%s of %d) training %s, on %s",
+            index + 1, len(phases), phase.name, plural(phase.epochs, "epoch"),
+            epoch_range(ends[index] - phase.epochs + 1, ends[index]), ends[-1], TRAINS[phase.train],
             INPUTS[phase.inputs].split(",")[0],
         )  # fmt: skip
         model.set_phase(phase, index)
@@ -36,8 +40,30 @@ def fit_phases(
             ensure_feature_cache(trainer, model, datamodule)
         datamodule.serve(phase.inputs)
         trainer.fit_loop.max_epochs = ends[index]
-        trainer.fit(
-            model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None, weights_only=True
-        )
+        with expected_warnings(phase, continuing=index > start or resuming):
+            trainer.fit(
+                model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None, weights_only=True
+            )
         if trainer.interrupted or budget.exhausted():
             break
+
+
+def epoch_range(first: int, last: int) -> str:
+    return f"epoch {last}" if first == last else f"epochs {first} to {last}"
+
+
+@contextlib.contextmanager
+def expected_warnings(phase: Phase, continuing: bool):
+    """Silence, for this fit only, what Lightning warns about on purpose here:
+
+    - "Found N module(s) in eval mode": a phase that freezes part of the backbone keeps that part
+      in eval mode (the phase line says so);
+    - "Checkpoint directory ... exists and is not empty": a later phase, or a resume, saves into
+      the run's own checkpoints folder. A new run pointed at another run's folder still hears it.
+    """
+    with warnings.catch_warnings():
+        if phase.train != "all":
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        if continuing:
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        yield

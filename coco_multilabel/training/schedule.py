@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 from coco_multilabel.errors import UserError
 
 TRAINS = {  # what a phase trains
-    "head": "the head only; the backbone stays frozen (in eval mode)",
-    "top": "the backbone's top stages (model.top_stages) and the head; the trunk below stays frozen",
+    "head": "the head only; the backbone stays frozen, in eval mode on purpose (its batch-norm "
+    "statistics stay as they are)",
+    "top": "the backbone's top stages (model.top_stages) and the head; the trunk below stays frozen, "
+    "in eval mode on purpose (its batch-norm statistics stay as they are)",
     "all": "everything",
 }
 INPUTS = {  # what a phase reads
