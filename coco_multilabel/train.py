@@ -76,6 +76,7 @@ def train(cfg: DictConfig) -> dict:
     fit_phases(trainer, model, datamodule, phases, cfg.ckpt_path, budget)
     drop_last_checkpoint(trainer, cfg.run_dir, keep=cfg.keep_last_checkpoint)  # finished: best.ckpt suffices
     summary = {**run_summary(trainer), "phases": [p.record() for p in phases], "cut_epoch": budget.cut}
+    summary["wall_s"] = round(budget.elapsed(), 1)  # a resumed run's earlier segments included
     if summary["best_checkpoint"]:
         tuning = read_checkpoint(summary["best_checkpoint"]).get("threshold_tuning", {})
         summary["threshold"] = tuning.get("global_threshold")
