@@ -116,6 +116,7 @@ def test_a_group_option_names_the_keys_it_changes_from_the_runs_option(hydra_com
     # the run's own options repeated, and Hydra's own settings, name nothing
     repeated = ["backbone=efficientnet_lite0", "experiment=top_csra", "hydra.run.dir=x", "hydra/launcher=a"]
     assert named_keys(repeated, GROUPS, MADE, MADE, lambda o: pytest.fail("no compose needed")) == set()
+    assert named_keys(["backbone=resnet18"], GROUPS, MADE, {}, None) == {"backbone"}  # options unknown
     assert named_keys(["+callbacks.kill.epoch=1", "data.image_size=160"], GROUPS, MADE, MADE, None) == {
         "callbacks.kill.epoch", "data.image_size"}  # fmt: skip
 

@@ -99,7 +99,10 @@ def resumed_record(record: dict, previous: dict, ckpt_path: str) -> dict:
 
     resume = {"started": utc_now(), "overrides": record["overrides"], "after_epoch": epochs_done(ckpt_path)}
     kept = {k: previous[k] for k in ("overrides", "choices", "started") if previous.get(k) is not None}
-    return {**record, **kept, "resumes": [*previous.get("resumes", []), resume]}
+    record = {**record, **kept, "resumes": [*previous.get("resumes", []), resume]}
+    if "choices" not in kept:  # a record of an older version: the run's options are in its .hydra/
+        del record["choices"]
+    return record
 
 
 def check_job_folder(run_dir: Path, overrides: list[str], config: dict | None = None) -> dict | None:

@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from coco_multilabel.errors import UserError
+from coco_multilabel.io import one_line
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,10 @@ MUTABLE = (  # keys (and the keys below them) a run may change between two of it
     "callbacks.lr_monitor", "callbacks.skipped_images", "keep_last_checkpoint",  # what it shows and keeps
 )  # fmt: skip
 RUN_KEYS = ("resume", "ckpt_path", "run_dir")  # which run, and from where: always this launch's
-MAY_CHANGE = "the epoch cap and time budget, devices, precision, workers, logging and keep_last_checkpoint"
+MAY_CHANGE = (
+    "the epoch cap and time budget, devices and precision, workers and cache, data.on_bad_image, logging "
+    "and keep_last_checkpoint"
+)
 ABSENT = "(absent)"
 
 
@@ -82,11 +86,12 @@ def named_keys(
     groups: set[str],
     choices: dict,
     saved_choices: dict,
-    compose: Callable[[list[str]], dict],
+    compose_with: Callable[[list[str]], dict],
 ) -> set[str]:
     """The config keys a resume's overrides set. ``key=value`` names its key (also when it repeats
     today's default); ``group=option`` (or ``~group``) whose option is not the run's names every key
-    that option changes: today's files composed with the run's option instead, and compared."""
+    that option changes: today's files composed with the run's option instead, and compared (for
+    a run whose options are unknown, the whole group)."""
     named, as_made, swapped = set(), [], []
     for override in OverridesParser.create().parse_overrides(overrides):
         key, line = override.key_or_group, override.input_line
@@ -94,6 +99,9 @@ def named_keys(
             continue
         if "/" not in key and key not in groups:
             named.add(key)
+            as_made.append(line)
+        elif not saved_choices:  # a run whose options are unknown: the whole group
+            named.add(key.replace("/", "."))
             as_made.append(line)
         elif choices.get(key) == saved_choices.get(key):  # the run's own option, repeated
             as_made.append(line)
@@ -104,12 +112,13 @@ def named_keys(
     if not swapped:
         return named
     try:
-        before = compose(as_made)
+        before = compose_with(as_made)
     except Exception as err:
         raise UserError(
-            f"{' '.join(swapped)}: the run was made with another option ({err}); start a new run for that"
+            f"{' '.join(swapped)}: the run was made with another option ({one_line(err)}); start a new run "
+            "for that"
         ) from err
-    return named | set(changed_keys(before, compose(overrides)))
+    return named | set(changed_keys(before, compose_with(overrides)))
 
 
 def is_named(key: str, named: set[str]) -> bool:
