@@ -37,10 +37,13 @@ def last_checkpoint(run_dir: str | None) -> str | None:
     return str(Path(run_dir) / "checkpoints" / "last.ckpt") if run_dir else None
 
 
-def config_subdir(ckpt_path: str | None) -> str:
-    """Where Hydra saves a run's config: ``.hydra``, or for a resume ``.hydra/resumed/<time>``, so
-    that a resume (refused, or with other options) never rewrites the config the run was made with."""
-    return f".hydra/resumed/{time.strftime('%Y-%m-%d_%H-%M-%S')}" if ckpt_path else ".hydra"
+def config_subdir(output_dir: str) -> str:
+    """Where Hydra saves a launch's config: ``.hydra``, or ``.hydra/resumed/<time>`` when the folder
+    already holds a run's: a resume or a relaunched sweep (refused, or with other options) never
+    rewrites the config the run was made with."""
+    if (Path(output_dir) / ".hydra" / "config.yaml").is_file():
+        return f".hydra/resumed/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    return ".hydra"
 
 
 def parallel_jobs(device_ids) -> int:

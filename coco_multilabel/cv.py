@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         print(f"cross-validation folder: {cv_dir} (run again with DIR={cv_dir} to resume)", file=sys.stderr)
         status = run_folds(args.data, args.folds, cv_dir, args.overrides)
+        if status == 2:  # refused before any fold started (changed config, another sweep): said above
+            sys.exit(2)
     record = oof_table(cv_dir)
     if args.refit and not args.table_only:
         if status or record["unfinished"]:

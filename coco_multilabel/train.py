@@ -87,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
         "precision": str(trainer.precision),
         "eval_precision": model.hparams.eval_precision,
     }
+    summary["wall_s"] = round(budget.elapsed(), 1)  # a resumed run's earlier segments included
     if summary["best_checkpoint"]:
         tuning = read_checkpoint(summary["best_checkpoint"]).get("threshold_tuning", {})
         summary["threshold"] = tuning.get("global_threshold")

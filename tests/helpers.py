@@ -16,14 +16,17 @@ from hydra.core.hydra_config import HydraConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, cwd: Path, new_session: bool = False) -> subprocess.CompletedProcess:
-    """``python -m coco_multilabel.train TINY ARGS`` on the worktree's code, from ``cwd``
-    (an ``experiment=`` in ``args`` replaces TINY's ``~experiment``)."""
+def cli(
+    *args: str, cwd: Path, new_session: bool = False, small: bool = True, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """``python -m coco_multilabel.train [FLAGS] TINY ARGS`` on the worktree's code, from ``cwd``
+    (an ``experiment=`` in ``args`` replaces TINY's ``~experiment``; ``small=False``: ARGS alone,
+    as a user types them)."""
     from tests.conftest import tiny
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "coco_multilabel.train", *tiny(*args)],
+        [sys.executable, "-m", "coco_multilabel.train", *flags, *(tiny(*args) if small else args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600, start_new_session=new_session,
     )  # fmt: skip
 

@@ -24,21 +24,23 @@ def finished(tiny_root, tmp_path_factory):
     return cwd, run_dir
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_finished_run_as_it_was(finished, tiny_root, tmp_path):
     cwd, original = finished
     run_dir = tmp_path / "run"
     shutil.copytree(original, run_dir)
     before = files(run_dir)
-    refused = cli(
-        f"data.root={tiny_root}", f"resume={run_dir}", "backbone=resnet18", "backbone.weights=null", cwd=cwd
-    )
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    output = refused.stdout + refused.stderr
-    assert "trained with backbone" in output and "Traceback" not in output
-    after = files(run_dir)
-    assert after == before  # result.json, the config: nothing rewritten
-    resumed = list((run_dir / ".hydra" / "resumed").glob("*/overrides.yaml"))
-    assert len(resumed) == 1 and "backbone=resnet18" in resumed[0].read_text()  # the attempt, apart
+    outputs = []
+    for change in (["data.image_size=64"], ["backbone=resnet18", "backbone.weights=null"]):
+        refused = cli(f"data.root={tiny_root}", f"resume={run_dir}", *change, cwd=cwd, small=False)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        outputs.append(refused.stdout + refused.stderr)
+        assert "Traceback" not in outputs[-1] and "start a new run instead" in outputs[-1]
+        assert files(run_dir) == before  # result.json, the config, the checkpoints: nothing rewritten
+    assert f"{run_dir} was made with data.image_size=32, which a resume cannot change" in outputs[0]
+    assert "backbone.name=mobilenet_v3_small" in outputs[1] and "backbone.name=resnet18" in outputs[1]
+    resumed = sorted((run_dir / ".hydra" / "resumed").glob("*/overrides.yaml"))
+    assert any("backbone=resnet18" in r.read_text() for r in resumed)  # the attempts, kept apart
 
 
 def files(run_dir):

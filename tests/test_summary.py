@@ -5,7 +5,7 @@ import json
 
 from omegaconf import OmegaConf
 
-from coco_multilabel.sweeps.summary import collect, write_summary
+from coco_multilabel.sweeps.summary import GRID, collect, tables, write_summary
 
 
 def job(sweep, name, **result):
@@ -49,3 +49,28 @@ def test_a_minimised_objective_sorts_ascending(tmp_path):
     for name, score in (("0", 0.3), ("1", 0.1), ("2", 0.2)):
         job(tmp_path, name, status="done", overrides=[f"x={name}"], best_score=score, objective_mode="min")
     assert [r["job"] for r in collect(tmp_path)] == ["1", "2", "0"]
+
+
+def test_the_summary_lists_every_job_of_the_grid_with_its_status(tmp_path):
+    grid = [["model.dropout=0.0"], ["model.dropout=0.1"], ["model.dropout=0.2"], ["model.dropout=0.3"]]
+    (tmp_path / GRID).write_text(json.dumps({"launched": "2026-01-02T00:00:00.000+00:00", "jobs": grid}))
+    records = {
+        "0": {"status": "done", "ended": "2026-01-01T10:00:00.000+00:00", "best_score": 0.4},  # before launch
+        "1": {"status": "done", "ended": "2026-01-02T10:00:00.000+00:00", "best_score": 0.5},
+        "2": {"status": "running", "host": "elsewhere", "pid": 1},  # another machine: taken as alive
+    }
+    for job, record in records.items():
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "result.json").write_text(json.dumps({**record, "overrides": grid[int(job)]}))
+    rows = collect(tmp_path)
+    assert [(r["job"], r["status"], r.get("skipped", False)) for r in rows] == [
+        ("1", "done", False),
+        ("0", "done", True),
+        ("2", "running", False),
+        ("3", "pending", False),
+    ]
+    csv_text, markdown = tables(rows)
+    assert markdown.startswith("# Sweep summary: 4 jobs (1 done, 1 skipped, 1 running, 1 pending), sorted")
+    assert "| 2 | 0 | skipped | model.dropout=0.0 |" in markdown
+    assert "|  | 3 | pending | model.dropout=0.3 |" in markdown
+    assert csv_text.count(",pending,") == 1

@@ -3,17 +3,21 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
+from coco_multilabel.cli import CONFIG_DIR
 from coco_multilabel.errors import UserError
 from coco_multilabel.sweeps.job import check_one_device, run_job
 from coco_multilabel.sweeps.summary import write_summary
 from coco_multilabel.train import train
+from coco_multilabel.training.resume import changed_keys
 from tests.helpers import ROOT, cli
 
 
@@ -68,55 +72,109 @@ def test_multirun_runs_jobs_side_by_side_on_distinct_devices_and_writes_a_sorted
     assert report.returncode == 0 and read_csv(sweep / "summary.csv") == rows
 
 
-def test_a_killed_multirun_relaunched_skips_finished_jobs_and_resumes_the_rest(tiny_root, tmp_path):
+@pytest.mark.slow
+def test_a_killed_multirun_relaunched_skips_finished_jobs_resumes_the_rest_and_refuses_a_changed_config(
+    tiny_root, tmp_path
+):
+    conf = shutil.copytree(CONFIG_DIR, tmp_path / "conf")  # a config folder a user edits between launches
     sweep, marker = tmp_path / "sweep", tmp_path / "killed"
     args = [f"data.root={tiny_root}", f"hydra.sweep.dir={sweep}", "trainer.max_epochs=2",
             "device_pool.ids=[0]", f"device_pool.lock_dir={tmp_path / 'locks'}",
-            *kill_at(1, marker, job_num=1), "model.dropout=0.0,0.1,0.2", "-m"]  # fmt: skip
-    first = cli(*args, cwd=tmp_path, new_session=True)
+            *kill_at(1, marker, job_num=1), "optimizer.lr=0.001,0.003,0.01", "-m"]  # fmt: skip
+    launch = dict(cwd=tmp_path, new_session=True, flags=("--config-path", str(conf)))
+    first = cli(*args, **launch)
     assert first.returncode != 0 and marker.exists()  # the whole sweep was killed in job 1's 2nd epoch
     done = json.loads((sweep / "0" / "result.json").read_text())
-    assert done["status"] == "done"
-    assert json.loads((sweep / "1" / "result.json").read_text())["status"] == "running"
+    assert done["status"] == "done" and done["config"]["model"]["dropout"] == 0.2
+    interrupted = json.loads((sweep / "1" / "result.json").read_text())
+    assert interrupted["status"] == "running"
     assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
-    assert not (sweep / "2" / "result.json").exists()
-    write_summary(sweep)  # make sweep-report after the crash
+    assert not (sweep / "2").exists()
+    write_summary(sweep)  # make sweep-report after the crash: the whole grid, job 2 not started
     assert [(r["job"], r["status"]) for r in read_csv(sweep / "summary.csv")] == [
-        ("0", "done"), ("1", "interrupted")]  # fmt: skip
+        ("0", "done"), ("1", "interrupted"), ("2", "pending")]  # fmt: skip
+    assert "# Sweep summary: 3 jobs (1 done, 1 interrupted, 1 pending)" in (sweep / "summary.md").read_text()
     best_0 = (sweep / "0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+    configs = {job: (sweep / job / ".hydra" / "config.yaml").read_bytes() for job in ("0", "1")}
 
-    second = cli(*args, cwd=tmp_path, new_session=True)
+    second = cli(*args, **launch)
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((sweep / "0" / "result.json").read_text()) == done  # not rerun
     assert (sweep / "0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == best_0
     resumed = json.loads((sweep / "1" / "result.json").read_text())
     assert resumed["status"] == "done" and resumed["resumed_from"].endswith("1/checkpoints/last.ckpt")
-    assert resumed["epochs"] == 2
+    assert resumed["epochs"] == 2 and changed_keys(interrupted["config"], resumed["config"]) == []  # its own
+    assert resumed["overrides"] == interrupted["overrides"] and resumed["started"] == interrupted["started"]
+    assert [r["after_epoch"] for r in resumed["resumes"]] == [1]
     assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
     assert json.loads((sweep / "2" / "result.json").read_text())["epochs"] == 2
-    assert [r["status"] for r in read_csv(sweep / "summary.csv")] == ["done"] * 3
+    assert {job: (sweep / job / ".hydra" / "config.yaml").read_bytes() for job in configs} == configs
+    rows = read_csv(sweep / "summary.csv")
+    assert {r["job"]: r["status"] for r in rows} == {"0": "skipped", "1": "done", "2": "done"}
+    best = rows[0]["job"]  # the end of the multirun names the summary and the winner
+    assert f"sweep summary: {sweep / 'summary.md'} (2 done, 1 skipped)" in second.stdout
+    assert f"best: job {best} (optimizer.lr=" in second.stdout
+    assert f"submit: make submit CKPT={sweep / best / 'checkpoints' / 'best.ckpt'}" in second.stdout
+
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    train_yaml = conf / "train.yaml"  # model.dropout edited in the config file, the same command again
+    train_yaml.write_text(train_yaml.read_text().replace("  dropout: 0.2", "  dropout: 0.5"))
+    third = cli(*args, **launch)
+    assert third.returncode == 2  # refused before any job started
+    output = third.stdout + third.stderr
+    assert f"jobs 0, 1, 2 of {sweep} ran with model.dropout=0.2, which the config now sets to " in output
+    assert "a job is finished only for the config it ran with" in output and "Traceback" not in output
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before  # nothing rewritten
 
 
-def test_a_killed_run_resumes_in_its_folder_and_ends_like_an_uninterrupted_one(
-    tiny_root, tmp_path, train_cfg
-):
-    uninterrupted = train(train_cfg("trainer.max_epochs=2", run_dir=tmp_path / "whole"))
+@pytest.mark.slow
+def test_a_killed_run_resumed_by_its_folder_alone_ends_as_it_was_made(tiny_root, tmp_path):
+    """Made at 40 px for 3 epochs and killed in its 2nd, resumed with ``resume=<run>`` alone (today's
+    defaults: the default recipe at 384 px, 15 epochs): it ends at its own 3 epochs and 40 px, in its
+    folder; a later resume that raises the epoch cap trains on. The record keeps the first overrides,
+    adds each resume, and its wall time counts every segment."""
     run_dir, marker = tmp_path / "run", tmp_path / "killed"
-    first = cli(f"data.root={tiny_root}", f"hydra.run.dir={run_dir}", "trainer.max_epochs=2",
-                *kill_at(1, marker), cwd=tmp_path, new_session=True)  # fmt: skip
+    made = [
+        f"data.root={tiny_root}",
+        f"hydra.run.dir={run_dir}",
+        "data.image_size=40",
+        "trainer.max_epochs=3",
+    ]
+    first = cli(*made, *kill_at(1, marker), cwd=tmp_path, new_session=True)
     assert first.returncode != 0 and marker.exists()
-    split = (run_dir / "split.json").read_text()
-    resumed = cli(f"data.root={tiny_root}", f"resume={run_dir}", "trainer.max_epochs=2", cwd=tmp_path)
+    killed = json.loads((run_dir / "result.json").read_text())
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first_segment = last.stat().st_mtime - datetime.fromisoformat(killed["started"]).timestamp()
+    kept = {name: (run_dir / name).read_bytes() for name in ("split.json", ".hydra/config.yaml")}
+
+    resumed = cli(f"data.root={tiny_root}", f"resume={run_dir}", cwd=tmp_path, small=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["epochs"] == uninterrupted["epochs"] == 2
-    assert result["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
-    assert (run_dir / "split.json").read_text() == split
-    assert not (
-        tmp_path / "outputs" / "train"
-    ).exists()  # no new run folder (outputs/cache: the labels index)
-    for path in (run_dir / "checkpoints" / "last.ckpt", tmp_path / "whole" / "checkpoints" / "last.ckpt"):
-        assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert (result["status"], result["epochs"], result["config"]["data"]["image_size"]) == ("done", 3, 40)
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["datamodule_hyper_parameters"]["image_size"] == 40
+    assert checkpoint["hyper_parameters"]["backbone"]["name"] == "mobilenet_v3_small"
+    assert result["overrides"] == killed["overrides"] and result["started"] == killed["started"]
+    (resume,) = result["resumes"]
+    assert (
+        resume["overrides"] == [f"data.root={tiny_root}", f"resume={run_dir}"] and resume["after_epoch"] == 1
+    )
+    second_segment = datetime.fromisoformat(result["ended"]) - datetime.fromisoformat(resume["started"])
+    assert result["wall_s"] == pytest.approx(first_segment + second_segment.total_seconds(), abs=2.0)
+    assert result["wall_s"] > second_segment.total_seconds()
+
+    longer = cli(
+        f"data.root={tiny_root}", f"resume={run_dir}", "trainer.max_epochs=4", cwd=tmp_path, small=False
+    )
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["epochs"] == 4 and result["config"]["trainer"]["max_epochs"] == 4
+    assert [r["after_epoch"] for r in result["resumes"]] == [1, 3] and result["overrides"] == killed[
+        "overrides"
+    ]
+    assert torch.load(last, weights_only=True)["epoch"] == 3
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept  # its split, its config
+    assert not (tmp_path / "outputs" / "train").exists()  # no new run folder
 
 
 def test_ddp_on_cpu_trains_a_run_in_two_processes(tiny_root, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import load_data_only, one_line
@@ -103,3 +105,9 @@ def checkpoint_bytes(model) -> int:
     (Adam's; SGD keeps fewer), and the EMA copy the callback may keep."""
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return 4 * weights
+
+
+def epochs_done(path: str | Path) -> int:
+    """How many epochs the run had finished when it saved ``path``; reads that one number of the
+    file (memory-mapped, data only), not its weights."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]) + 1

@@ -137,7 +137,7 @@ def run_sections(run_dir: Path, data_root: str | None, out: Path, progress: bool
         labels = {s: classes[s] for s in split["train"] + split["val"] if s in classes}
         sections += validation_sections(run_dir, root, labels, out, progress)
         sections.append(class_frequency(labels, split))
-    sections.append(config_section(run_dir))
+    sections.append(config_section(run_dir, result))
     return sections
 
 
@@ -148,7 +148,8 @@ def overview(run_dir: Path, result: dict) -> Section:
         "objective": result.get("objective"),
         "best score": result.get("best_score"),
         "best epoch": epoch_of_run(result),
-        "wall time (s)": result.get("wall_s"),
+        "wall time (s)": result.get("wall_s"),  # every segment of a resumed run
+        "resumed": ", ".join(f"after epoch {r['after_epoch']}" for r in result.get("resumes", [])),
         "best checkpoint": result.get("best_checkpoint"),
         "overrides": " ".join(result.get("overrides", [])),
     }
@@ -382,8 +383,12 @@ def class_frequency(labels: dict, split: dict) -> Section:
     )
 
 
-def config_section(run_dir: Path) -> Section:
+def config_section(run_dir: Path, result: dict) -> Section:
+    """The config the run last ran with (its record's; a resume may have raised the epoch cap),
+    else the one it was made with."""
     config = run_dir / ".hydra" / "config.yaml"
+    if result.get("config"):
+        return Section("Config", f"<pre>{html.escape(OmegaConf.to_yaml(result['config']))}</pre>")
     if not config.is_file():
         return Section("Config", note("no .hydra/config.yaml in this run"))
     return Section("Config", f"<pre>{html.escape(config.read_text())}</pre>")

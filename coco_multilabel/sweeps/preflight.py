@@ -1,5 +1,7 @@
-"""Checks a sweep makes before its first job starts: every job's folder is its own, and the hub
-weights its jobs need can be had, so a sweep never fails in job 7 for a reason known at job 0."""
+"""Checks a sweep makes before its first job starts: every job's folder is its own, a job that ran
+before still composes to the config it ran with, and the hub weights its jobs need can be had, so
+a sweep never fails in job 7 for a reason known at job 0. Then it writes the grid (``grid.json``):
+the summary lists the jobs that have not started yet."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from coco_multilabel.errors import UserError
-from coco_multilabel.sweeps.job import check_job_folder
+from coco_multilabel.io import write_json_atomic
+from coco_multilabel.sweeps.job import RERUN, check_job_folder, config_change, utc_now
+from coco_multilabel.sweeps.summary import GRID
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +95,29 @@ class SweepPreflight(Callback):
     def check(self, config: DictConfig) -> None:
         jobs = expand_jobs(config)
         sweep_dir = Path(config.hydra.sweep.dir)
-        if OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"] == "${hydra.job.num}":
-            for num, overrides in enumerate(jobs):
-                check_job_folder(sweep_dir / str(num), overrides)
-        backbones = {}
-        for num, overrides in enumerate(jobs):
-            job = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
-            backbone = OmegaConf.to_container(job.backbone, resolve=True)
-            if not job.offline:
-                backbones[str(num)] = backbone
-        check_hub(backbones)
-        log.info("preflight: %d jobs, their folders and weights checked", len(jobs))
+        numbered = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"] == "${hydra.job.num}"
+        composed = [
+            compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+            for overrides in jobs
+        ]
+        if numbered:
+            changed = {}
+            for num, (overrides, job) in enumerate(zip(jobs, composed, strict=True)):
+                previous = check_job_folder(sweep_dir / str(num), overrides)
+                if change := config_change(sweep_dir / str(num), previous, OmegaConf.to_container(job)):
+                    changed.setdefault(change, []).append(str(num))
+            if changed:
+                change, nums = next(iter(changed.items()))
+                which = f"job {nums[0]}" if len(nums) == 1 else f"jobs {', '.join(nums)}"
+                others = f" (and {sum(map(len, changed.values())) - len(nums)} more jobs with other changes)"
+                raise UserError(
+                    f"{which} of {sweep_dir} ran with {change}{others if len(changed) > 1 else ''}{RERUN}"
+                )
+        check_hub({str(num): backbone_of(job) for num, job in enumerate(composed) if not job.offline})
+        if numbered:  # the whole grid, for the summary: jobs not started yet show as pending
+            write_json_atomic(sweep_dir / GRID, {"launched": utc_now(), "jobs": jobs}, indent=1)
+        log.info("preflight: %d jobs, their folders, configs and weights checked", len(jobs))
+
+
+def backbone_of(job: DictConfig) -> dict:
+    return OmegaConf.to_container(job.backbone, resolve=True)

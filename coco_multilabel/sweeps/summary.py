@@ -1,7 +1,8 @@
 """Sweep summary: ``summary.csv`` and ``summary.md`` in a sweep directory, one row per job, best first.
 
-Built only from the jobs' folders (their ``result.json``, or ``.hydra/overrides.yaml`` for a job
-that has not written one yet), so it can be rebuilt at any time, also while jobs still run:
+Built only from the sweep folder: the grid its launch wrote (``grid.json``) and the jobs' folders
+(their ``result.json``, or ``.hydra/overrides.yaml`` for a job that has not written one yet), so it
+lists every job of the grid and can be rebuilt at any time, also while jobs still run:
 ``python -m coco_multilabel.sweeps.summary DIR`` (``make sweep-report DIR=...``). A Hydra callback
 rebuilds it after every job and at the end of every multirun.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import socket
@@ -24,13 +26,22 @@ from omegaconf import OmegaConf
 from coco_multilabel.cli import report_user_errors
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_text_atomic
+from coco_multilabel.reporting.run_summary import next_commands
 from coco_multilabel.sweeps.job import read_result
+
+GRID = "grid.json"  # every job of the grid and when it was launched; written before the first job
+STATUSES = ("done", "skipped", "running", "interrupted", "failed", "pending")
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
-    """One row per job folder, sorted by the objective (best first; unfinished jobs last)."""
-    rows = []
-    for job_dir in sorted(Path(sweep_dir).iterdir(), key=_job_order):
+    """One row per job of the grid (per job folder, for a sweep without ``grid.json``), sorted by
+    the objective (best first; unfinished jobs last, in job order). A row's status: done, running,
+    interrupted (killed: a relaunch resumes it), failed or pending (not started); a job the latest
+    launch found finished before and did not rerun is done with ``skipped`` set."""
+    sweep_dir = Path(sweep_dir)
+    grid = read_grid(sweep_dir)
+    rows = {}
+    for job_dir in sweep_dir.iterdir():
         if not job_dir.is_dir():
             continue
         result = read_result(job_dir)
@@ -44,12 +55,34 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             }
         if result["status"] == "running" and not _alive(result):
             result["status"] = "interrupted"  # killed: a relaunch of the sweep resumes it
-        rows.append({"job": job_dir.name, **result})
-    sign = -1 if all(r.get("objective_mode", "max") == "max" for r in rows) else 1
+        if result["status"] == "done" and result.get("ended", "~") < grid.get("launched", ""):
+            result["skipped"] = True
+        rows[job_dir.name] = {"job": job_dir.name, **result}
+    for num, overrides in enumerate(grid.get("jobs", [])):
+        rows.setdefault(str(num), {"job": str(num), "status": "pending", "overrides": overrides})
+    ordered = [rows[name] for name in sorted(rows, key=_job_order)]
+    sign = -1 if all(r.get("objective_mode", "max") == "max" for r in ordered) else 1
     scored = sorted(
-        (r for r in rows if r.get("best_score") is not None), key=lambda r: sign * r["best_score"]
+        (r for r in ordered if r.get("best_score") is not None), key=lambda r: sign * r["best_score"]
     )
-    return scored + [r for r in rows if r.get("best_score") is None]  # sorted() keeps job order on ties
+    return scored + [r for r in ordered if r.get("best_score") is None]  # sorted() keeps job order on ties
+
+
+def read_grid(sweep_dir: Path) -> dict:
+    try:
+        return json.loads((Path(sweep_dir) / GRID).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}  # an older sweep, or one with its own folder names: its job folders are the grid
+
+
+def status_of(row: dict) -> str:
+    return "skipped" if row.get("skipped") else row["status"]
+
+
+def counts(rows: list[dict]) -> str:
+    """``3 done, 1 running, 5 pending``."""
+    found = [status_of(r) for r in rows]
+    return ", ".join(f"{found.count(s)} {s}" for s in STATUSES if s in found)
 
 
 COLUMNS = ["rank", "job", "status", "overrides", "best_score"]
@@ -65,7 +98,7 @@ def tables(rows: list[dict]) -> tuple[str, str]:
         {
             "rank": i + 1 if r.get("best_score") is not None else "",
             "job": r["job"],
-            "status": r["status"],
+            "status": status_of(r),
             "overrides": " ".join(r["overrides"]),
             **{k: r.get(k) for k in ["best_score", *metrics, *TRAILING]},
         }
@@ -77,7 +110,9 @@ def tables(rows: list[dict]) -> tuple[str, str]:
     writer.writerows(records)
 
     objective = next((r["objective"] for r in rows if r.get("objective")), "best_score")
-    lines = [f"# Sweep summary: {len(rows)} jobs, sorted by {objective}", ""]
+    lines = [f"# Sweep summary: {len(rows)} jobs ({counts(rows)}), sorted by {objective}", ""]
+    if any(r.get("skipped") for r in rows):
+        lines += ["skipped: finished before the latest launch, and not rerun by it.", ""]
     if shared:
         lines += ["Shared overrides: `" + " ".join(sorted(shared)) + "`", ""]
     head = [*COLUMNS, *markdown_metrics(metrics, objective), *TRAILING]
@@ -116,11 +151,22 @@ class SweepSummary(Callback):
             write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        """Also the sweep's exit status: 1 when a job failed, with where to read why."""
-        if not Path(config.hydra.sweep.dir).is_dir():
+        """Where the summary is and which job won, with its report and submit commands; also the
+        sweep's exit status: 1 when a job failed, with where to read why."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
             return
-        path = write_summary(config.hydra.sweep.dir)
-        failed = [r["job"] for r in collect(config.hydra.sweep.dir) if r["status"] == "failed"]
+        path = write_summary(sweep_dir)
+        rows = collect(sweep_dir)
+        print(f"sweep summary: {path} ({counts(rows)})")
+        best = next((r for r in rows if r.get("best_score") is not None), None)
+        if best and not config.data.get("folds"):  # a cross-validation submits the fold ensemble, not a fold
+            shared = set.intersection(*(set(r["overrides"]) for r in rows))
+            differs = " ".join(o for o in best["overrides"] if o not in shared) or "the only job"
+            print(f"best: job {best['job']} ({differs}), {best.get('objective')} {best['best_score']:.4f}")
+            for what, command in next_commands(best, sweep_dir / best["job"], config.data.root).items():
+                print(f"{what}: {command}")
+        failed = [r["job"] for r in rows if r["status"] == "failed"]
         if failed:
             logging.getLogger(__name__).error(
                 "%d jobs failed (%s): their reasons are in %s", len(failed), ", ".join(failed), path
@@ -141,8 +187,8 @@ def _alive(result: dict) -> bool:
     return True
 
 
-def _job_order(path: Path):
-    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
+def _job_order(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
 def _cell(value) -> str:
