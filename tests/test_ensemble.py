@@ -89,7 +89,8 @@ def test_members_of_one_split_are_tuned_on_their_mean_val_probabilities(runs):
     expected = tune(mean, held[0].targets, "global", "macro_f1", min_labels=record["min_labels"])
     assert thresholds.tolist() == pytest.approx(expected.thresholds.tolist())
     assert record["tuned_on"] == "selecting val" and record["min_labels"] == 1  # thresholds.min_labels
-    assert "selected the members" in describe(record) and "held out" not in describe(record)
+    said = describe(record)  # what submit logs: where the figure was measured, never "held out"
+    assert "val images that selected the members" in said and "not held out" in said
 
 
 def test_members_of_different_splits_are_refused(runs, tiny_root, tmp_path):
@@ -202,3 +203,18 @@ def test_the_report_of_an_ensemble_shows_its_members_and_their_mean_at_submits_t
         assert (runs["sweep"] / "report-top2" / figure).stat().st_size > 1000, figure
     with pytest.raises(UserError, match="different splits"):
         report(f"{runs['same'][0]},{runs['other']}", str(tiny_root), progress=False)
+
+
+def test_submit_says_a_top_n_figure_was_measured_on_the_images_that_selected_it(
+    runs, tiny_root, tmp_path, caplog
+):
+    with caplog.at_level("INFO"):
+        submit(str(runs["sweep"]), str(tiny_root), str(tmp_path / "top.json"), top=2, **CPU)
+    decision = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("decision:"))
+    assert "cross-fitted on the 12 val images that selected the members" in decision
+    assert "not held out" in decision and "make cv" in decision
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        submit(str(runs["cv"]), str(tiny_root), str(tmp_path / "cv.json"), **CPU)
+    decision = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("decision:"))
+    assert "out-of-fold images" in decision and "best epochs were chosen on them" in decision
