@@ -197,7 +197,7 @@ def halves(targets: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     with two or more positives has positives in both, so neither half tunes or scores without it."""
     if len(targets) < 2:
         return torch.arange(0), torch.arange(len(targets))
-    side = torch.from_numpy(stratified_folds(targets.cpu().numpy() > 0, 2, seed))
+    side = torch.from_numpy(stratified_folds(targets.cpu().numpy() > 0, 2, seed, warn=False))
     return torch.nonzero(side == 0).flatten(), torch.nonzero(side == 1).flatten()
 
 
