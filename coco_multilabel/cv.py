@@ -43,10 +43,11 @@ from coco_multilabel.sweeps.job import read_result
 log = logging.getLogger(__name__)
 
 LEADERBOARD = "experiment=leaderboard"  # the documented best recipe (conf/experiment/leaderboard.yaml)
-# a measurement, not computed here: rerun `python -m coco_multilabel.bench.holdout_figures` to measure it
+# a measurement, not computed here: `python -m coco_multilabel.bench.holdout_figures` measures it again
 EPOCH_CAVEAT = (
     "The cross-fitted figure is honest about the threshold, not about the epoch: each fold's best epoch "
-    "was chosen on these rows. MEASURED"
+    "was chosen on these rows. How much that flatters it was measured on a held-out fold "
+    "(docs/results.md, `python -m coco_multilabel.bench.holdout_figures`)."
 )
 
 
@@ -101,7 +102,7 @@ def refit(data: str, k: int, cv_dir: Path, overrides: list[str], record: dict) -
             return status
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     checkpoint["state_dict"]["thresholds"] = torch.tensor(record["thresholds"])
-    checkpoint["threshold_tuning"] = record["tuning"]
+    checkpoint["threshold_tuning"] = {**record["tuning"], "tuned_on": "out-of-fold, for a refit"}
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     path = write_bytes_atomic(run_dir / "checkpoints" / "refit.ckpt", buffer.getbuffer())

@@ -62,6 +62,8 @@ def describe(tuning: dict | None) -> str:
         "the folds' best epochs were chosen on them)",
         "selecting val": f"on the {images}val images that selected the members (their best epochs, "
         "and a sweep's TOP=n): not held out; make cv gives an honest figure",
+        "out-of-fold, for a refit": f"of the fold models on {images}out-of-fold images; this model "
+        "trained on all of them and has no figure of its own",
     }.get(tuning.get("tuned_on"), f"on {images}val images (the best epoch was chosen on them)")
     if "score_xfit" in tuning:
         figure = f"{objective} {tuning['score_xfit']:.4f} cross-fitted"
