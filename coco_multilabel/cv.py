@@ -34,6 +34,7 @@ from coco_multilabel.data.folds import load_or_make_folds
 from coco_multilabel.data.label_index import load_label_index
 from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import save_probabilities
+from coco_multilabel.decisions.thresholds import rule_words
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from coco_multilabel.models.checkpoints import read_checkpoint
@@ -43,6 +44,12 @@ from coco_multilabel.sweeps.job import read_result
 log = logging.getLogger(__name__)
 
 LEADERBOARD = "experiment=leaderboard"  # the documented best recipe (conf/experiment/leaderboard.yaml)
+# a measurement, not computed here: `python -m coco_multilabel.bench.holdout_figures` measures it again
+EPOCH_CAVEAT = (
+    "The cross-fitted figure is honest about the threshold, not about the epoch: each fold's best epoch "
+    "was chosen on these rows. How much that flatters it was measured on a held-out fold "
+    "(docs/results.md, `python -m coco_multilabel.bench.holdout_figures`)."
+)
 
 
 def with_recipe(overrides: list[str]) -> list[str]:
@@ -96,7 +103,7 @@ def refit(data: str, k: int, cv_dir: Path, overrides: list[str], record: dict) -
             return status
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     checkpoint["state_dict"]["thresholds"] = torch.tensor(record["thresholds"])
-    checkpoint["threshold_tuning"] = record["tuning"]
+    checkpoint["threshold_tuning"] = {**record["tuning"], "tuned_on": "out-of-fold, for a refit"}
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     path = write_bytes_atomic(run_dir / "checkpoints" / "refit.ckpt", buffer.getbuffer())
@@ -154,6 +161,8 @@ def markdown(record: dict) -> str:
     if scores:
         lines += ["", f"Mean of the folds' own val figures: {sum(scores) / len(scores):.4f}."]
     lines += ["", f"## Out of fold: all {record['images']} images, each from the model that held it out", "",
+              f"Decisions as `make submit` writes them: above the threshold, "
+              f"{rule_words(record.get('min_labels', 0))} (`thresholds.min_labels`).", "",
               f"| thresholds | {objective} tuned | cross-fitted | at 0.5 | micro F1 | mAP | threshold |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for mode, result in record["by_mode"].items():
@@ -164,6 +173,7 @@ def markdown(record: dict) -> str:
             f"{m[objective]:.4f} | {m['micro_f1_tuned']:.4f} | {m['map']:.4f} | "
             f"{result['global_threshold']:.2f} |"
         )
+    lines += ["", EPOCH_CAVEAT]
     lines += ["", f"## The {len(record['rarest_classes'])} rarest classes, at the thresholds used", "",
               "| class | images | F1 | precision | recall | AP |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip

@@ -25,7 +25,7 @@ from coco_multilabel.data.label_index import DEFAULT_CACHE_DIR, load_label_index
 from coco_multilabel.data.labels import to_multi_hot
 from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.decisions.submission import parse_submission_file, read_submission
-from coco_multilabel.decisions.thresholds import evaluate_thresholds
+from coco_multilabel.decisions.thresholds import decide, evaluate_thresholds, rule_of
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import label_scores, mean_average_precision, paired_bootstrap, per_class_table
 from coco_multilabel.reporting.tables import format_rows, format_scores, write_csv
@@ -93,22 +93,29 @@ def compare_predictions(
 def evaluate_probabilities(probs_file, labels, objective: str = "macro_f1", min_positives: int = 5,
                            shrinkage: float = 10.0, cache_dir=DEFAULT_CACHE_DIR,
                            ) -> tuple[dict, list[dict], list[dict]]:  # fmt: skip
-    """Scores at the file's thresholds, a threshold study and the per-class table."""
+    """Scores at the file's thresholds, a threshold study and the per-class table, all of the
+    decision rule the file was written with (its ``min_labels``): the labels submit wrote."""
     saved = read_probabilities(probs_file)
     targets = torch.from_numpy(label_index(labels, cache_dir).targets_of(saved["stems"])).float()
-    probs, thresholds = saved["probs"], saved["thresholds"]
-    scores = {**label_scores(probs > thresholds, targets), "map": mean_average_precision(probs, targets)}
+    probs, thresholds, min_labels = (
+        saved["probs"],
+        saved["thresholds"],
+        rule_of(saved.get("threshold_tuning")),
+    )
+    decisions = decide(probs, thresholds, min_labels)
+    scores = {**label_scores(decisions, targets), "map": mean_average_precision(probs, targets)}
     # what the ThresholdTuner logs in per_class mode: 0.5, global and per class, tuned and cross-fitted
     m = evaluate_thresholds(
-        probs, targets, "per_class", objective, min_positives=min_positives, shrinkage=shrinkage
-    )
+        probs, targets, "per_class", objective, min_labels=min_labels, min_positives=min_positives,
+        shrinkage=shrinkage,
+    )  # fmt: skip
     study = [
         {"thresholds": "0.5", objective: m[objective], "xfit": None},
         {"thresholds": "tuned global", objective: m[f"{objective}_tuned_global"],
          "xfit": m[f"{objective}_xfit_global"]},
         {"thresholds": "tuned per_class", objective: m[f"{objective}_tuned"], "xfit": m[f"{objective}_xfit"]},
     ]  # fmt: skip
-    table = per_class_table(probs > thresholds, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
+    table = per_class_table(decisions, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
     return scores, study, table
 
 

@@ -1,8 +1,8 @@
 """Predict: ``python -m coco_multilabel.predict CKPT IMAGE_OR_FOLDER [--json]`` (``make predict``).
 
-What a checkpoint sees in your own images: per image the classes above the checkpoint's tuned
-thresholds (what ``make submit`` would write) with their probabilities, and the five most likely
-classes whatever the threshold. ``--json`` prints the same as JSON, for scripts.
+What a checkpoint sees in your own images: per image the classes ``make submit`` would write (above
+the checkpoint's tuned thresholds, at least the ``min_labels`` most likely) with their probabilities,
+and the five most likely classes whatever the threshold. ``--json`` prints the same as JSON, for scripts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.cli import report_user_errors
+from coco_multilabel.decisions.thresholds import decide, rule_of
 from coco_multilabel.errors import UserError
 from coco_multilabel.models.checkpoints import load_model
 from coco_multilabel.models.ensemble import (
@@ -53,17 +54,18 @@ def predict(
     top_jobs: int | None = None,
     **inference,
 ) -> list[dict]:
-    """Per image: ``labels`` above threshold and the ``top`` classes, each ``{class, name, prob}``.
+    """Per image: ``labels`` as submit decides them and the ``top`` classes, each ``{class, name, prob}``.
     ``ckpt_path``: a checkpoint or an ensemble, as for submit (models/ensemble.py).
     ``inference``: the options of :func:`predict_files`."""
     members = [read_member(path) for path in member_paths(ckpt_path, top_jobs)]
     files = image_files(target)
     inference = {"progress_bar": False, "num_workers": 0 if len(files) < 64 else None, **inference}
     if len(members) > 1:
-        thresholds, _ = ensemble_thresholds(members)
+        thresholds, tuning = ensemble_thresholds(members)
         probs, _ = ensemble_probabilities(members, files, **inference)
     else:
         checkpoint = members[0].checkpoint
+        tuning = checkpoint.get("threshold_tuning")
         model = load_model(checkpoint, source=ckpt_path)
         if "threshold_tuning" not in checkpoint and threshold is None:
             log.warning("%s has no tuned thresholds: using 0.5 (--threshold to choose)", ckpt_path)
@@ -72,13 +74,14 @@ def predict(
     if threshold is not None:
         thresholds = torch.full_like(thresholds, threshold)
     names = COCO_CLASSES[: len(thresholds)]
+    decisions = decide(probs, thresholds, rule_of(tuning))
     results = []
-    for file, p in zip(files, probs, strict=True):
+    for file, p, chosen in zip(files, probs, decisions, strict=True):
         order = torch.argsort(p, descending=True).tolist()
         results.append(
             {
                 "image": str(file),
-                "labels": [_entry(names, p, c) for c in order if p[c] > thresholds[c]],
+                "labels": [_entry(names, p, c) for c in order if chosen[c]],
                 "top": [_entry(names, p, c) for c in order[:top]],
             }
         )

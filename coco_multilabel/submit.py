@@ -27,6 +27,7 @@ from coco_multilabel.data.labels import CHECK_DATA_HINT, to_multi_hot
 from coco_multilabel.data.split import split_image_paths
 from coco_multilabel.decisions.probabilities import save_probabilities
 from coco_multilabel.decisions.submission import decide_with_fallback, write_submission
+from coco_multilabel.decisions.thresholds import describe, rule_of
 from coco_multilabel.errors import UserError
 from coco_multilabel.models.checkpoints import load_model
 from coco_multilabel.models.ensemble import (
@@ -46,7 +47,7 @@ def submit(
     data_root: str,
     output: str,
     threshold: float | None = None,
-    min_labels: int = 1,
+    min_labels: int | None = None,
     images: str = "test",
     save_probs: bool = False,
     tta: bool | None = None,
@@ -56,7 +57,8 @@ def submit(
 ) -> Path:
     """Write the predictions JSON for ``images`` (``test`` or ``val``); return its path.
     ``ckpt_path``: a checkpoint, or an ensemble (several, a ``make cv`` folder, a sweep folder with
-    ``top``; see models/ensemble.py). ``inference``: the options of :func:`predict_files`."""
+    ``top``; see models/ensemble.py). ``min_labels``: None applies the rule the thresholds were tuned
+    for (their ``threshold_tuning`` record). ``inference``: the options of :func:`predict_files`."""
     members = [read_member(path) for path in member_paths(ckpt_path, top)]
     for member in members:
         classes = member.checkpoint["hyper_parameters"].get("num_classes", NUM_CLASSES)
@@ -87,6 +89,13 @@ def submit(
             thresholds = torch.full_like(thresholds, threshold)
         paths = image_paths(members, data_root, images)
         predicted, kept = ensemble_probabilities(members, paths, tta=tta, **inference)
+    min_labels = applied_rule(tuning, min_labels)
+    if threshold is None and (tuning is None or min_labels == rule_of(tuning)):
+        log.info("decision: %s", describe(tuning))  # the figure of what is written, before any test label
+    else:
+        log.info("decision: overridden (submit.threshold, submit.min_labels=%d): no tuned figure", min_labels)
+    if tuning:
+        tuning = {**tuning, "min_labels": min_labels}  # as applied: make evaluate PROBS= scores this rule
     stems = [p.stem for p in paths]
     # an unreadable image "predicts" its fallback labels, in the JSON and in the saved probabilities
     probs = to_multi_hot(fallback).repeat(len(stems), 1)
@@ -106,6 +115,18 @@ def submit(
         f", the mean of {len(members)} models" if len(members) > 1 else "",
     )  # fmt: skip
     return path
+
+
+def applied_rule(tuning: dict | None, override: int | None) -> int:
+    """``min_labels``: the one the thresholds were tuned for, unless ``override`` (said when it differs)."""
+    tuned = rule_of(tuning)
+    if override is None:
+        return tuned
+    if override < 0:
+        raise UserError(f"submit.min_labels must be 0 or more, got {override}")
+    if tuning is not None and override != tuned:
+        log.warning("submit.min_labels=%d, but the thresholds were tuned for min_labels=%d", override, tuned)
+    return override
 
 
 def image_paths(members: list, data_root: str, images: str) -> list[Path]:
@@ -135,7 +156,6 @@ def choose_thresholds(model, checkpoint: dict, override: float | None) -> torch.
     if tuning is None:
         log.warning("the checkpoint has no tuned thresholds; using 0.5 (set submit.threshold to choose)")
         return torch.full_like(tuned, 0.5)
-    log.info("thresholds tuned on val: %s, maximising %s", tuning.get("mode"), tuning.get("objective"))
     return tuned
 
 

@@ -10,6 +10,7 @@ import torch
 
 from coco_multilabel.data.split import read_split
 from coco_multilabel.decisions.probabilities import read_probabilities
+from coco_multilabel.decisions.thresholds import describe
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
 from coco_multilabel.models.inference import predict_files
 from coco_multilabel.submit import submit
@@ -81,9 +82,12 @@ def test_a_killed_cv_resumes_its_unfinished_fold_and_its_oof_rows_come_from_held
     checkpoint = read_checkpoint(refit["checkpoint"])
     assert checkpoint["state_dict"]["thresholds"].tolist() == pytest.approx(record["thresholds"])
     assert (
-        checkpoint["threshold_tuning"]["tuned_on"] == "out-of-fold"
+        checkpoint["threshold_tuning"]["tuned_on"] == "out-of-fold, for a refit"
         and checkpoint["epoch"] == refit["epochs"] - 1
     )
+    assert "no figure of its own" in describe(checkpoint["threshold_tuning"])  # the folds' figure, said so
+    text = (cv_dir / "cv.md").read_text()
+    assert "at least 1 label(s) an image" in text and "best epoch was chosen on these rows" in text
     out = submit(
         refit["checkpoint"], str(tiny_root), str(tmp_path / "refit.json"), num_workers=0, accelerator="cpu"
     )

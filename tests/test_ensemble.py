@@ -11,7 +11,7 @@ from coco_multilabel.cv import oof_table
 from coco_multilabel.data.datasets import list_images
 from coco_multilabel.decisions.oof import out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities
-from coco_multilabel.decisions.thresholds import tune
+from coco_multilabel.decisions.thresholds import describe, tune
 from coco_multilabel.errors import UserError
 from coco_multilabel.models.backbones import StagedBackbone
 from coco_multilabel.models.checkpoints import load_model
@@ -85,9 +85,12 @@ def test_members_of_one_split_are_tuned_on_their_mean_val_probabilities(runs):
     assert split_kind(members) == "split"
     thresholds, record = ensemble_thresholds(members)
     held = [m.held_out() for m in members]
-    expected = tune(torch.stack([h.probs for h in held]).mean(0), held[0].targets, "global", "macro_f1")
+    mean = torch.stack([h.probs for h in held]).mean(0)
+    expected = tune(mean, held[0].targets, "global", "macro_f1", min_labels=record["min_labels"])
     assert thresholds.tolist() == pytest.approx(expected.thresholds.tolist())
-    assert record["tuned_on"] == "shared val, mean of 2 models"
+    assert record["tuned_on"] == "selecting val" and record["min_labels"] == 1  # thresholds.min_labels
+    said = describe(record)  # what submit logs: where the figure was measured, never "held out"
+    assert "val images that selected the members" in said and "not held out" in said
 
 
 def test_members_of_different_splits_are_refused(runs, tiny_root, tmp_path):
@@ -128,9 +131,8 @@ def test_predict_shows_what_the_ensemble_submits(runs, tiny_root, tmp_path):
     out = submit(str(runs["cv"]), str(tiny_root), str(tmp_path / "cv.json"), **CPU)
     results = predict(runs["cv"], tiny_root / "images" / "test", accelerator="cpu")
     submitted = json.loads(out.read_text())
-    for r in results:  # submit adds the most likely class where none passes its threshold
-        labels = [e["class"] for e in r["labels"]] or [r["top"][0]["class"]]
-        assert sorted(labels) == submitted[Path(r["image"]).stem]
+    for r in results:  # the same rule: above the thresholds, and at least the most likely class
+        assert sorted(e["class"] for e in r["labels"]) == submitted[Path(r["image"]).stem]
 
 
 def test_a_run_folder_names_its_best_checkpoint(runs):
@@ -192,11 +194,27 @@ def test_the_report_of_an_ensemble_shows_its_members_and_their_mean_at_submits_t
     assert listed == runs["sweep"] / "report-ensemble" / "report.html"  # beside the members' runs
     top = report(runs["sweep"], str(tiny_root), progress=False, top=2)
     assert top == runs["sweep"] / "report-top2" / "report.html"
-    for page in (listed.read_text(), top.read_text()):
-        assert "Ensemble of 2 models" in page and "val, mean of 2 models" in page
+    for page in (listed.read_text(), top.read_text()):  # the val chose them: never called held out
+        assert "Ensemble of 2 models" in page and "the val images that selected the members" in page
+        assert "held out of every member" not in page and "make cv" in page
         assert all(str(p) in page for p in runs["same"])
         assert f"chosen {tuning['global_threshold']}" in page  # the threshold make submit applies
     for figure in ("per_class.png", "thresholds.png", "pr_curves.png", "worst_classes.png"):
         assert (runs["sweep"] / "report-top2" / figure).stat().st_size > 1000, figure
     with pytest.raises(UserError, match="different splits"):
         report(f"{runs['same'][0]},{runs['other']}", str(tiny_root), progress=False)
+
+
+def test_submit_says_a_top_n_figure_was_measured_on_the_images_that_selected_it(
+    runs, tiny_root, tmp_path, caplog
+):
+    with caplog.at_level("INFO"):
+        submit(str(runs["sweep"]), str(tiny_root), str(tmp_path / "top.json"), top=2, **CPU)
+    decision = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("decision:"))
+    assert "cross-fitted on the 12 val images that selected the members" in decision
+    assert "not held out" in decision and "make cv" in decision
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        submit(str(runs["cv"]), str(tiny_root), str(tmp_path / "cv.json"), **CPU)
+    decision = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("decision:"))
+    assert "out-of-fold images" in decision and "best epochs were chosen on them" in decision

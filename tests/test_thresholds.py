@@ -7,11 +7,15 @@ from coco_multilabel.decisions.thresholds import (
     GRID,
     count_table,
     cross_fit,
+    decide,
+    evaluate_thresholds,
+    halves,
     objective_of,
     score_at,
     tune_global,
     tune_per_class,
 )
+from coco_multilabel.metrics import class_counts
 
 
 def separable(n=400, classes=5, low=0.05, gap=(0.35, 0.45), seed=0):
@@ -118,7 +122,6 @@ def test_thresholds_from_two_ranks_with_uneven_shards_equal_the_single_process_o
     import torch.multiprocessing as mp
 
     from coco_multilabel.callbacks.thresholds import gather_by_index
-    from coco_multilabel.decisions.thresholds import evaluate_thresholds
 
     # a DistributedSampler's shards of 41 samples: 21 each, rank 1 padded with sample 0; rank 0
     # could not read samples 6 and 10 (on_bad_image=skip), so it holds 19 rows and rank 1 21
@@ -136,5 +139,69 @@ def test_thresholds_from_two_ranks_with_uneven_shards_equal_the_single_process_o
         lambda t: t, expected_probs[backwards], expected_targets[backwards].float(), backwards
     )
     assert torch.equal(single[0], probs) and torch.equal(single[1], targets)
-    ddp, one = (evaluate_thresholds(p, t, "per_class", "macro_f1") for p, t in ((probs, targets), single[:2]))
+    ddp, one = (
+        evaluate_thresholds(p, t, "per_class", "macro_f1", min_labels=1)
+        for p, t in ((probs, targets), single[:2])
+    )
     assert torch.equal(ddp.pop("tuning").thresholds, one.pop("tuning").thresholds) and ddp == one
+
+
+def top_hidden(n=300, classes=4, seed=7):
+    """Every image's most likely class is one of its labels, but often under 0.3, while negatives
+    elsewhere reach 0.45: thresholds alone must cut low and take false positives; with the most
+    likely class forced, a high cut keeps the forced hits and drops the negatives."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.zeros(n, classes)
+    first = torch.randint(classes, (n,), generator=generator)
+    targets[torch.arange(n), first] = 1
+    probs = 0.05 * torch.rand(n, classes, generator=generator)
+    probs[torch.arange(n), first] = 0.2 + 0.08 * torch.rand(n, generator=generator)
+    noisy = torch.rand(n, generator=generator) < 0.3  # some images' top class is confident
+    probs[noisy, first[noisy]] = 0.6
+    decoys = torch.rand(n, generator=generator) < 0.15  # a negative on another image, near 0.2-0.45
+    other = (first + 1) % classes
+    probs[decoys, other[decoys]] = 0.15 + 0.3 * torch.rand(int(decoys.sum()), generator=generator)
+    probs[decoys, first[decoys]] = 0.5  # ... where the true class still comes first
+    return probs, targets
+
+
+@pytest.mark.parametrize("min_labels", [0, 1, 2])
+def test_the_count_table_counts_the_rule_submit_applies(min_labels):
+    probs, targets = separable(n=97, classes=6, seed=8)
+    probs = probs + 0.4 * torch.rand(probs.shape, generator=torch.Generator().manual_seed(9))
+    probs[:20] = GRID[
+        torch.randint(0, len(GRID), (20, 6), generator=torch.Generator().manual_seed(3))
+    ]  # ties
+    expected = torch.stack([class_counts(decide(probs, float(t), min_labels), targets) for t in GRID])
+    assert torch.equal(count_table(probs, targets, min_labels=min_labels), expected)
+
+
+def test_min_labels_changes_the_tuned_threshold_and_every_figure_scores_it():
+    probs, targets = top_hidden()
+    alone, forced = (tune_global(probs, targets, "macro_f1", min_labels=m) for m in (0, 1))
+    assert alone.global_threshold < 0.3 < forced.global_threshold  # forcing the top class moves the cut
+    assert forced.score > alone.score
+    for m, tuning in ((0, alone), (1, forced)):
+        figures = evaluate_thresholds(probs, targets, "global", "macro_f1", min_labels=m)
+        assert figures["tuning"].global_threshold == tuning.global_threshold
+        assert figures["macro_f1_tuned"] == pytest.approx(
+            score_at(probs, targets, tuning.thresholds, "macro_f1", m)
+        )
+        assert figures["macro_f1"] == pytest.approx(
+            score_at(probs, targets, torch.tensor(0.5), "macro_f1", m)
+        )
+    with pytest.raises(TypeError):  # no figure without saying which rule it scores
+        evaluate_thresholds(probs, targets, "global", "macro_f1")
+
+
+def test_cross_fitting_halves_keep_a_rare_class_in_both():
+    targets = torch.zeros(40, 3)
+    targets[:, 0] = 1
+    targets[torch.arange(0, 40, 3), 1] = 1
+    targets[[5, 23], 2] = 1  # two positives: a random half would hold both one time in two
+    for seed in range(20):
+        first, second = halves(targets, seed)
+        assert sorted(torch.cat([first, second]).tolist()) == list(range(40))
+        assert abs(len(first) - len(second)) <= 1
+        assert targets[first].sum(0).min() >= 1 and targets[second].sum(0).min() >= 1
+    assert not torch.equal(halves(targets, 0)[0], halves(targets, 1)[0])  # the seed draws them

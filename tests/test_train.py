@@ -65,6 +65,7 @@ def test_checkpoint_and_thresholds_json_carry_the_tuned_thresholds(trained):
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
     tuned = checkpoint["threshold_tuning"]
     assert tuned["mode"] == "global" and tuned["objective"] == "macro_f1"
+    assert tuned["min_labels"] == 1  # the rule the thresholds were tuned for (thresholds.min_labels)
     assert len(tuned["thresholds"]) == 80 and len(tuned["support"]) == 80
     assert sum(tuned["support"]) > 0
     assert checkpoint["state_dict"]["thresholds"].tolist() == pytest.approx(tuned["thresholds"])
@@ -189,6 +190,34 @@ def test_val_probabilities_can_be_retuned_offline(trained, tiny_root, tmp_path):
     assert study[1]["macro_f1"] >= study[0]["macro_f1"]  # tuned on these labels: never worse than 0.5
     assert len(table) == 80 and {"ap", "threshold", "support"} <= table[0].keys()
     assert 0 <= scores["map"] <= 1
+
+
+@pytest.mark.parametrize("min_labels", [0, 1])
+def test_submit_applies_the_rule_stored_with_the_thresholds_and_evaluate_scores_it(
+    trained, tiny_root, tmp_path, min_labels, caplog
+):
+    run_dir, _ = trained
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+    checkpoint["state_dict"]["thresholds"] = torch.full((80,), 0.99)  # hardly a class passes
+    checkpoint["threshold_tuning"] |= {"min_labels": min_labels, "thresholds": [0.99] * 80}
+    torch.save(checkpoint, tmp_path / "rule.ckpt")
+    common = dict(num_workers=0, accelerator="cpu", progress_bar=False)
+    with caplog.at_level("INFO"):
+        path = submit(str(tmp_path / "rule.ckpt"), str(tiny_root), str(tmp_path / "s.json"), save_probs=True,
+                      **common)  # fmt: skip
+    assert f"at least {min_labels} label" in caplog.text or (min_labels == 0 and "no minimum" in caplog.text)
+    written = json.loads(path.read_text())
+    probs = torch.load(path.with_suffix(".probs.pt"), weights_only=False)["probs"]
+    assert min(map(len, written.values())) == min_labels  # the stored rule, not submit.yaml's
+    # make evaluate PROBS= scores exactly the labels submit wrote
+    labels = tiny_root / "labels" / "test"
+    by_probs, _, table = evaluate_probabilities(path.with_suffix(".probs.pt"), labels)
+    assert by_probs["macro_f1"] == pytest.approx(evaluate(path, labels)["macro_f1"])
+    assert sum(r["support"] for r in table) > 0 and probs.shape == (8, 80)
+    overridden = submit(str(tmp_path / "rule.ckpt"), str(tiny_root), str(tmp_path / "o.json"),
+                        min_labels=1 - min_labels, **common)  # fmt: skip
+    assert min(map(len, json.loads(overridden.read_text()).values())) == 1 - min_labels
+    assert f"but the thresholds were tuned for min_labels={min_labels}" in caplog.text
 
 
 def test_evaluate_scores_a_val_json_against_all_labels_when_told_to(trained, tiny_root, tmp_path):

@@ -24,7 +24,7 @@ from coco_multilabel.bench.speed import recipe
 from coco_multilabel.data.labels import read_label_dir, to_multi_hot
 from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities
-from coco_multilabel.decisions.thresholds import evaluate_thresholds
+from coco_multilabel.decisions.thresholds import evaluate_thresholds, rule_of
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.models.ensemble import read_member
 from coco_multilabel.submit import submit
@@ -77,7 +77,8 @@ def tta_scores(checkpoint: str, root: str, out: Path) -> dict:
     saved = read_probabilities(path.with_suffix(".probs.pt"))
     labels = read_label_dir(Path(root) / "labels" / "train", stems=saved["stems"])
     targets = torch.stack([to_multi_hot(labels[s]) for s in saved["stems"]])
-    scores = evaluate_thresholds(saved["probs"], targets, "global", "macro_f1")
+    rule = rule_of(saved["threshold_tuning"])
+    scores = evaluate_thresholds(saved["probs"], targets, "global", "macro_f1", min_labels=rule)
     scores.pop("tuning")
     return scores
 

@@ -19,7 +19,7 @@ from coco_multilabel.callbacks.thresholds import ThresholdTuner
 from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.data.datasets import CocoImages
 from coco_multilabel.data.transforms import eval_transform
-from coco_multilabel.decisions.thresholds import count_table
+from coco_multilabel.decisions.thresholds import count_table, decide
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import per_class_table
 from coco_multilabel.reporting import plots
@@ -54,8 +54,8 @@ class ValidationFigures(L.Callback):
         probs, targets = tuner.probs, tuner.targets
         names = COCO_CLASSES[: targets.shape[1]]
         thresholds = pl_module.thresholds.cpu()
-        rows = per_class_table(probs > thresholds, targets, names)
-        counts = count_table(probs, targets)  # shared by two figures: the slow part at 10k images
+        rows = per_class_table(decide(probs, thresholds, tuner.min_labels), targets, names)
+        counts = count_table(probs, targets, min_labels=tuner.min_labels)  # shared by two figures
         figures = {
             "val/per_class_f1": plots.per_class_figure(
                 rows, f"per-class F1 on val, epoch {trainer.current_epoch + 1}"
@@ -65,13 +65,13 @@ class ValidationFigures(L.Callback):
                 probs, targets, (tuner.tuned or {}).get("global_threshold"), tuner.objective, counts
             ),
         }
-        if self.examples and (grid := self.examples_grid(trainer, pl_module, names)) is not None:
+        if self.examples and (grid := self.examples_grid(trainer, pl_module, names, tuner)) is not None:
             figures["val/examples"] = grid
         for tag, figure in figures.items():
             tensorboard.experiment.add_figure(tag, figure, global_step=trainer.global_step)
 
-    def examples_grid(self, trainer, pl_module, names):
-        """The first val images, predicted at the model's current thresholds."""
+    def examples_grid(self, trainer, pl_module, names, tuner: ThresholdTuner):
+        """The first val images, decided at the model's current thresholds, by the tuner's rule."""
         datamodule = trainer.datamodule
         split, hp = getattr(datamodule, "split", None), getattr(datamodule, "hparams", {})
         if not split or not hp.get("root"):
@@ -93,7 +93,7 @@ class ValidationFigures(L.Callback):
         with torch.no_grad():
             probs = pl_module.probabilities(images.to(pl_module.device)).cpu()
         pl_module.train(training)
-        predicted = probs > pl_module.thresholds.cpu()
+        predicted = decide(probs, pl_module.thresholds.cpu(), tuner.min_labels)
         pictures = [np.asarray(image.permute(1, 2, 0)) for image in images]  # uint8, as decoded
         return plots.examples_figure(
             pictures,

@@ -1,5 +1,6 @@
 """The ThresholdTuner callback: at every validation, choose the decision thresholds on val and
-store them in the model, so that every checkpoint carries the thresholds submit uses.
+store them in the model, so that every checkpoint carries the thresholds submit uses, tuned and
+scored for the rule submit applies (``min_labels``, stored beside them).
 
 The maths (tuning, cross-fitting) lives in :mod:`coco_multilabel.decisions.thresholds`.
 """
@@ -18,11 +19,13 @@ class ThresholdTuner(L.Callback):
 
     Logs ``val/<score>`` (at 0.5), ``val/<score>_tuned``, ``val/<objective>_xfit`` (cross-fitted,
     the figure to compare runs by and the default checkpoint monitor), ``val/map`` and
-    ``val/threshold`` (the global one). In ``per_class`` mode the global-threshold figures are
-    logged too, as ``val/<objective>_tuned_global`` and ``val/<objective>_xfit_global``. The
-    thresholds go into the model's ``thresholds`` buffer and, with how they were chosen, into
-    every checkpoint saved after this validation, with the val probabilities themselves
-    (``val_predictions``: the out-of-fold probabilities of a cross-validation fold).
+    ``val/threshold`` (the global one), all of them of the decision rule submit applies: classes
+    above the threshold and at least each image's ``min_labels`` most likely. In ``per_class`` mode
+    the global-threshold figures are logged too, as ``val/<objective>_tuned_global`` and
+    ``val/<objective>_xfit_global``. The thresholds go into the model's ``thresholds`` buffer and,
+    with how they were chosen and the rule, into every checkpoint saved after this validation, with
+    the val probabilities themselves (``val_predictions``: the out-of-fold probabilities of a
+    cross-validation fold).
     """
 
     def __init__(
@@ -32,12 +35,15 @@ class ThresholdTuner(L.Callback):
         min_positives: int = 5,
         shrinkage: float = 10.0,
         seed: int = 0,
+        min_labels: int = 1,
     ):
         if objective not in OBJECTIVES:
             raise ValueError(f"thresholds.objective must be one of {OBJECTIVES}, got {objective!r}")
         if mode not in ("global", "per_class"):
             raise ValueError(f"thresholds.mode must be 'global' or 'per_class', got {mode!r}")
-        self.mode, self.objective, self.seed = mode, objective, seed
+        if min_labels < 0:
+            raise ValueError(f"thresholds.min_labels must be 0 or more, got {min_labels}")
+        self.mode, self.objective, self.seed, self.min_labels = mode, objective, seed, min_labels
         self.per_class_kwargs = dict(min_positives=min_positives, shrinkage=shrinkage)
         self._probs: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
@@ -74,8 +80,9 @@ class ThresholdTuner(L.Callback):
         self.probs, self.targets = probs, targets
         self.predictions = val_predictions(trainer, probs, targets, indices)
         metrics = evaluate_thresholds(
-            probs, targets, self.mode, self.objective, self.seed, **self.per_class_kwargs
-        )
+            probs, targets, self.mode, self.objective, self.seed, min_labels=self.min_labels,
+            **self.per_class_kwargs,
+        )  # fmt: skip
         tuning = metrics.pop("tuning")
         pl_module.thresholds.copy_(tuning.thresholds.to(pl_module.thresholds))
         for name, value in metrics.items():
@@ -85,6 +92,8 @@ class ThresholdTuner(L.Callback):
             "mode": self.mode,
             "thresholds": [round(float(t), 4) for t in tuning.thresholds],
             "global_threshold": tuning.global_threshold,
+            "min_labels": self.min_labels,
+            "images": len(probs),
             "support": [int(s) for s in targets.sum(0)],
             "score_tuned": metrics[f"{self.objective}_tuned"],
             "score_xfit": metrics[f"{self.objective}_xfit"],

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 METHOD = "iterative_stratification"
 
 
-def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """The fold (0..k-1) of each row of the N x C 0/1 matrix ``labels``."""
+def stratified_folds(labels: np.ndarray, k: int, seed: int = 0, warn: bool = True) -> np.ndarray:
+    """The fold (0..k-1) of each row of the N x C 0/1 matrix ``labels``; ``warn``: log the classes
+    the repair could not put in every fold (the cross-fitting halves of every validation do not)."""
     labels = np.asarray(labels, dtype=bool)
     n = len(labels)
     if not 2 <= k <= n:
@@ -58,10 +59,10 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
             wanted[f] -= labels[i]
             room[f] -= 1
             left[i] = False
-    return repair(labels, fold, k)
+    return repair(labels, fold, k, warn)
 
 
-def repair(labels: np.ndarray, fold: np.ndarray, k: int) -> np.ndarray:
+def repair(labels: np.ndarray, fold: np.ndarray, k: int, warn: bool = True) -> np.ndarray:
     """Put each class with >= k images in every fold: for a fold that lacks one, move an image of it
     from a fold with two or more, or swap it for one of the fold's images, by a move that takes no
     other class of >= k images out of a fold that had it; log what no such move could fix."""
@@ -74,8 +75,9 @@ def repair(labels: np.ndarray, fold: np.ndarray, k: int) -> np.ndarray:
             if not per_fold[target, c]:
                 move = best_move(labels, fold, per_fold, spread, c, target)
                 if move is None:
-                    log.warning("class %d (%d images) could not be put in every one of %d folds", c,
-                                int(labels[:, c].sum()), k)  # fmt: skip
+                    if warn:
+                        log.warning("class %d (%d images) could not be put in every one of %d folds", c,
+                                    int(labels[:, c].sum()), k)  # fmt: skip
                     continue
                 image, back = move
                 if back is not None:

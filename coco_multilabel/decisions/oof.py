@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from coco_multilabel.classes import COCO_CLASSES
-from coco_multilabel.decisions.thresholds import evaluate_thresholds
+from coco_multilabel.decisions.thresholds import decide, evaluate_thresholds, rule_of
 from coco_multilabel.errors import UserError
 from coco_multilabel.metrics import per_class_table
 
@@ -62,15 +62,18 @@ def oof_scores(
     probs: torch.Tensor, targets: torch.Tensor, tuning: dict, seed: int = 0, rare: int = 10
 ) -> dict:
     """The metric suite on the OOF probabilities, thresholds tuned on them (global and per class),
-    each cross-fitted, and the per-class F1 of the ``rare`` classes with the fewest images.
+    each cross-fitted, and the per-class F1 of the ``rare`` classes with the fewest images, all of
+    the decision rule the fold models were tuned for (``min_labels``), the one submit applies.
 
-    ``tuning``: a checkpoint's ``threshold_tuning`` record (objective, mode, per-class options).
+    ``tuning``: a checkpoint's ``threshold_tuning`` record (objective, mode, per-class options, rule).
     """
-    objective = tuning.get("objective", "macro_f1")
+    objective, min_labels = tuning.get("objective", "macro_f1"), rule_of(tuning)
     per_class_kwargs = {k: tuning[k] for k in ("min_positives", "shrinkage") if k in tuning}
     results = {}
     for mode in ("global", "per_class"):
-        metrics = evaluate_thresholds(probs, targets, mode, objective, seed, **per_class_kwargs)
+        metrics = evaluate_thresholds(
+            probs, targets, mode, objective, seed, min_labels=min_labels, **per_class_kwargs
+        )
         chosen = metrics.pop("tuning")
         results[mode] = {
             "metrics": metrics,
@@ -79,19 +82,23 @@ def oof_scores(
         }
     mode = tuning.get("mode", "global")
     thresholds = torch.tensor(results[mode]["thresholds"])
-    table = per_class_table(probs > thresholds, targets, COCO_CLASSES[: probs.shape[1]], probs, thresholds)
+    decisions = decide(probs, thresholds, min_labels)
+    table = per_class_table(decisions, targets, COCO_CLASSES[: probs.shape[1]], probs, thresholds)
     rarest = sorted((r for r in table if r["support"] > 0), key=lambda r: (r["support"], r["class"]))[:rare]
     return {
         "images": len(probs),
         "objective": objective,
         "mode": mode,
+        "min_labels": min_labels,
         "score_xfit": results[mode]["metrics"][f"{objective}_xfit"],
         "thresholds": results[mode]["thresholds"],
         "global_threshold": results[mode]["global_threshold"],
         "by_mode": results,
         "rarest_classes": rarest,
         "tuning": {**tuning, "mode": mode, "thresholds": results[mode]["thresholds"],
-                   "global_threshold": results[mode]["global_threshold"], "tuned_on": "out-of-fold",
+                   "global_threshold": results[mode]["global_threshold"], "min_labels": min_labels,
+                   "tuned_on": "out-of-fold", "images": len(probs),
                    "support": [int(s) for s in targets.sum(0)],
+                   "score_tuned": results[mode]["metrics"][f"{objective}_tuned"],
                    "score_xfit": results[mode]["metrics"][f"{objective}_xfit"]},
     }  # fmt: skip

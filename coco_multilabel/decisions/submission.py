@@ -9,16 +9,14 @@ import torch
 
 from coco_multilabel.classes import NUM_CLASSES
 from coco_multilabel.data.labels import encoding_problem
+from coco_multilabel.decisions.thresholds import decide
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_text_atomic
 
 
-def decide_labels(probs: torch.Tensor, thresholds: torch.Tensor, min_labels: int = 1) -> list[list[int]]:
-    """Classes with probability above their threshold; at least the ``min_labels`` most likely."""
-    chosen = probs > thresholds
-    if min_labels > 0:
-        chosen.scatter_(1, probs.topk(min_labels, dim=1).indices, True)
-    return [torch.nonzero(row).flatten().tolist() for row in chosen]
+def decide_labels(probs: torch.Tensor, thresholds: torch.Tensor, min_labels: int) -> list[list[int]]:
+    """Each image's class indices by the decision rule thresholds were tuned for (:func:`decide`)."""
+    return [torch.nonzero(row).flatten().tolist() for row in decide(probs, thresholds, min_labels)]
 
 
 def decide_with_fallback(

@@ -27,7 +27,7 @@ from coco_multilabel.data.folds import folds_digest, read_folds
 from coco_multilabel.data.split import read_split
 from coco_multilabel.data.transforms import checkpoint_eval_transform
 from coco_multilabel.decisions.oof import HeldOut, oof_scores, out_of_fold
-from coco_multilabel.decisions.thresholds import tune
+from coco_multilabel.decisions.thresholds import evaluate_thresholds, rule_of
 from coco_multilabel.errors import UserError
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
 from coco_multilabel.models.classifier import MultiLabelClassifier
@@ -187,14 +187,18 @@ def ensemble_thresholds(members: list[Member], seed: int = 0) -> tuple[torch.Ten
         record = oof_scores(probs, targets, tuning, seed)["tuning"]
         log.info("thresholds tuned on the out-of-fold probabilities of %d images", len(probs))
         return torch.tensor(record["thresholds"]), record
-    kwargs = {
-        k: tuning[k] for k in ("min_positives", "shrinkage") if k in tuning and tuning["mode"] != "global"
-    }
-    chosen = tune(probs, targets, tuning.get("mode", "global"), tuning.get("objective", "macro_f1"), **kwargs)
-    log.info("thresholds tuned on the ensemble's probabilities of the %d shared val images", len(probs))
+    objective, mode = tuning.get("objective", "macro_f1"), tuning.get("mode", "global")
+    kwargs = {k: tuning[k] for k in ("min_positives", "shrinkage") if k in tuning and mode != "global"}
+    metrics = evaluate_thresholds(probs, targets, mode, objective, seed, min_labels=rule_of(tuning), **kwargs)
+    chosen = metrics.pop("tuning")
+    log.info(
+        "thresholds tuned on the ensemble's probabilities of the %d shared val images: the images that "
+        "selected the members, not held out (make cv gives an honest figure)", len(probs),
+    )  # fmt: skip
     record = {**tuning, "thresholds": [round(float(t), 4) for t in chosen.thresholds],
-              "global_threshold": chosen.global_threshold, "score_tuned": chosen.score,
-              "tuned_on": f"shared val, mean of {len(members)} models"}  # fmt: skip
+              "global_threshold": chosen.global_threshold, "score_tuned": metrics[f"{objective}_tuned"],
+              "score_xfit": metrics[f"{objective}_xfit"], "images": len(probs),
+              "tuned_on": "selecting val", "members": len(members)}  # fmt: skip
     return chosen.thresholds.float(), record
 
 

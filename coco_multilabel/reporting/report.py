@@ -37,7 +37,7 @@ from coco_multilabel.data.labels import to_multi_hot
 from coco_multilabel.data.split import read_split, split_image_paths
 from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities, save_probabilities
-from coco_multilabel.decisions.thresholds import count_table
+from coco_multilabel.decisions.thresholds import count_table, decide, describe, rule_of, rule_words
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_bytes_atomic, write_text_atomic
 from coco_multilabel.metrics import per_class_table
@@ -284,9 +284,10 @@ def prediction_sections(
 ) -> list[Section]:
     """Per-class scores, the threshold curve, PR curves and the worst classes of saved probabilities."""
     stems, probs, thresholds = saved["stems"], saved["probs"], saved["thresholds"]
-    rows = per_class_table(probs > thresholds, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
-    counts = count_table(probs, targets)
     tuning = saved.get("threshold_tuning") or {}
+    decisions = decide(probs, thresholds, rule_of(tuning))  # the labels submit writes
+    rows = per_class_table(decisions, targets, COCO_CLASSES, probs=probs, thresholds=thresholds)
+    counts = count_table(probs, targets, min_labels=rule_of(tuning))
     chosen = tuning.get("global_threshold")
     ranked = sorted(rows, key=lambda r: r["f1"], reverse=True)
     return [
@@ -302,7 +303,8 @@ def prediction_sections(
             plots.threshold_figure(probs, targets, chosen, tuning.get("objective", "macro_f1"), counts),
             note(
                 f"thresholds: {tuning.get('mode', 'untuned (0.5)')}, chosen "
-                f"{chosen} maximising {tuning.get('objective', '-')} {tuned_on}"
+                f"{chosen} maximising {tuning.get('objective', '-')} {tuned_on}; "
+                f"{rule_words(rule_of(tuning))}"
             ),
         ),
         figure_section(
@@ -310,7 +312,7 @@ def prediction_sections(
             "pr_curves.png",
             plots.pr_curves_figure(probs, targets, COCO_CLASSES, counts=counts),
         ),
-        worst_classes(root, stems, probs, targets, thresholds, rows)
+        worst_classes(root, stems, probs, targets, decisions, rows)
         if root is not None
         else Section(
             "Worst classes",
@@ -319,14 +321,14 @@ def prediction_sections(
     ]
 
 
-def worst_classes(root, stems, probs, targets, thresholds, rows) -> Section:
+def worst_classes(root, stems, probs, targets, decisions, rows) -> Section:
     """The lowest-F1 classes among those with val positives, each with its most confident false
     positives and its least confident false negatives."""
     worst = sorted((r for r in rows if r["support"] > 0), key=lambda r: r["f1"])[:WORST]
     figure_rows = []
     for r in worst:
         c = r["class"]
-        predicted, positive = probs[:, c] > thresholds[c], targets[:, c].bool()
+        predicted, positive = decisions[:, c], targets[:, c].bool()
         fp = [
             i
             for i in torch.argsort(probs[:, c], descending=True).tolist()
@@ -480,7 +482,8 @@ def ensemble_folder(members: list, target, top: int | None) -> Path:
 def ensemble_sections(members: list, data_root: str | None) -> list[Section]:
     """The members, then the figures of the ensemble's probabilities on the images none of them
     trained on (out of fold, or a shared val split) at the thresholds ``make submit`` uses: the
-    same numbers submit tunes its thresholds on, with no inference."""
+    same numbers submit tunes its thresholds on, with no inference. A shared val split chose the
+    members (their best epochs; a sweep's TOP=n by their scores): its figures are labelled so."""
     kind = split_kind(members)
     stems, probs, targets = held_out_probabilities(members, kind)
     thresholds, tuning = ensemble_thresholds(members)
@@ -489,8 +492,17 @@ def ensemble_sections(members: list, data_root: str | None) -> list[Section]:
         run_tuning = m.checkpoint.get("threshold_tuning") or {}
         rows.append({"member": str(m.path), "fold": m.fold, "its own val images": len(m.held_out().stems),
                      "its objective": run_tuning.get("score_xfit")})  # fmt: skip
-    what = "out of fold" if kind == "folds" else f"val, mean of {len(members)} models"
-    body = table(rows) + note(f"{len(stems)} images held out of every member ({what})")
+    if kind == "folds":
+        what = "out of fold"
+        where = f"{len(stems)} images, each predicted by the fold model that held it out (out of fold)"
+    else:
+        what = f"the val images that selected the members, mean of {len(members)} models"
+        where = (
+            f"{len(stems)} val images that no member trained on but that selected them (each one's best "
+            "epoch; a sweep's TOP=n also picks its members by them): a figure on them carries that "
+            "selection, it is not a held-out figure. For an honest one, cross-validate (make cv)"
+        )
+    body = table(rows) + note(where) + note(f"decision: {describe(tuning)}")
     saved = {"stems": stems, "probs": probs, "thresholds": thresholds, "threshold_tuning": tuning}
     root = find_data_root(members[0].path.parent.parent, data_root)
     return [Section("Members", body), *prediction_sections(saved, targets, root, what, "on these images")]
