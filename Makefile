@@ -14,7 +14,7 @@ MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the out
 SWEEP ?= backbones
 K ?= 5
 
-.PHONY: bench-scale ablation install demo test test-all data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
+.PHONY: bench-scale ablation install demo test test-all slurm-up slurm-down data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,14 @@ demo: install  ## synthetic data -> train the default backbone -> submission JSO
 test: install  ## the fast tier: unit tests and small end-to-end runs, a few minutes
 	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
 
-test-all: install  ## every test: also those that train, spawn DDP processes, kill runs, or need Slurm
+test-all: install  ## every test: also those that train, spawn DDP processes, kill runs, or need Slurm (make slurm-up)
 	$(PY) -m pytest -q $(ARGS)
+
+slurm-up:  ## as root, Debian/Ubuntu: a one-node Slurm here (partition debug) to try hydra/launcher=slurm; make slurm-down
+	.ci/slurm.sh start
+
+slurm-down:  ## stop make slurm-up's Slurm; remove its config, state and logs
+	.ci/slurm.sh stop
 
 data: install  ## make data ZIP=ms-coco.zip [DATA=data/ms-coco]: unpack the challenge archive, then check it
 	$(PY) -m coco_multilabel.unpack $(ZIP) $(DATA)

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_text_atomic
 from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
+from coco_multilabel.sweeps.slurm import requeue_signal_delay
 from coco_multilabel.training.precision import gpu_precision
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
@@ -53,6 +54,7 @@ OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=True)
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
 OmegaConf.register_new_resolver("gpu_precision", gpu_precision, replace=True)
+OmegaConf.register_new_resolver("requeue_signal_delay", requeue_signal_delay, replace=True)
 
 
 def in_multirun() -> bool:

@@ -27,6 +27,7 @@ from coco_multilabel.cli import in_multirun
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_json_atomic
 from coco_multilabel.sweeps.devices import acquire_device, visible_devices
+from coco_multilabel.sweeps.slurm import time_limit_record
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ def run_job(
         try:
             summary = train(cfg)
         except BaseException as err:
-            _write(run_dir, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+            cut = time_limit_record(err)  # Slurm's time limit: requeued (pending again), or not
+            _write(run_dir, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}", **cut})
+            if cut.get("status") == "failed":
+                raise UserError(cut["error"]) from err
             raise
     record.update(summary, status="done", ended=_now(), wall_s=round(time.perf_counter() - start, 1))
     _write(run_dir, record)

@@ -1,0 +1,162 @@
+"""Sweeps on a Slurm cluster: Hydra's submitit launcher, with what a real cluster needs on top.
+
+``hydra/launcher=slurm`` (and ``slurm_ddp``) submit every job of a multirun as a Slurm job. Beyond
+Hydra's launcher:
+
+- **Job states without accounting.** submitit follows its jobs with ``sacct``, which many small
+  clusters cannot answer (no slurmdbd): it then warns at every poll and knows a job only by its
+  result file, so a job that Slurm killed before writing one keeps the sweep waiting forever. Here
+  the states come from ``squeue`` instead.
+- **Time limits.** Slurm sends USR2 ``signal_delay_s`` before a job's limit (``--signal``); submitit
+  catches it, requeues the job (at most ``max_num_timeout`` times) and the job, started again, resumes
+  from its ``checkpoints/last.ckpt`` (``sweeps/job.py``). A signal that arrives while the job is still
+  starting (a short limit, a slow start) is held until submitit's handler is in place, instead of
+  killing the job. Lightning's own auto-requeue listens for USR1, which is never sent: it is turned
+  off, so that the log names the one mechanism that acts.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import signal
+import subprocess
+import threading
+
+from submitit.core.utils import UncompletedJobError
+from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob, SlurmJobEnvironment
+
+log = logging.getLogger(__name__)
+
+# Slurm's job states after which a job runs no more (squeue shows them for MinJobAge, 300 s by default)
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
+# and those submitit knows for a job not ended; any other (CONFIGURING, SUSPENDED, ...) reads as RUNNING
+NOT_ENDED = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "PREEMPTED"}
+
+
+class SqueueWatcher(SlurmInfoWatcher):
+    """submitit's watcher, asking ``squeue`` where ``sacct`` has no accounting database to ask."""
+
+    def __init__(self, delay_s: int = 600):
+        super().__init__(delay_s)
+        self._sacct: bool | None = None  # found out at the first poll
+
+    def _make_command(self) -> list[str] | None:
+        command = super()._make_command()  # sacct, for the jobs not known to have ended
+        if command is None or self._has_sacct(command):
+            return command
+        return [
+            "squeue",
+            "--noheader",
+            "--array",
+            "--states=all",
+            "--format=%i|%T",
+            f"--user={getpass.getuser()}",
+        ]
+
+    def _has_sacct(self, command: list[str]) -> bool:
+        if self._sacct is None:
+            probe = subprocess.run(command, capture_output=True, text=True)
+            self._sacct = probe.returncode == 0
+            if not self._sacct:
+                log.info("sacct: %s: job states come from squeue", probe.stderr.strip() or probe.returncode)
+        return self._sacct
+
+    def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+        if self._sacct:
+            return super().read_info(string)
+        text = string.decode() if isinstance(string, bytes) else string
+        info = {}
+        for line in text.splitlines():
+            job_id, _, state = line.partition("|")
+            state = state.split(" ")[0]  # "CANCELLED by 0"
+            info[job_id] = {"JobID": job_id, "State": state if state in ENDED | NOT_ENDED else "RUNNING"}
+        for job_id in self._registered - self._finished - info.keys():
+            info[job_id] = {"JobID": job_id, "State": "ENDED"}  # left squeue: ended over MinJobAge ago
+        return info
+
+
+requeue_asked = False  # submitit called the launcher's checkpoint(): the job is requeued, or refused that
+
+
+def install_watcher() -> None:
+    """submitit's jobs share one watcher (a class attribute): ours, in the process that submits."""
+    if not isinstance(SlurmJob.watcher, SqueueWatcher):
+        SlurmJob.watcher = SqueueWatcher()
+
+
+def deliver_held_signal() -> None:
+    """A time-limit signal held while the job started goes to submitit's handler now, in place."""
+    if held_signals:
+        log.warning("the time-limit signal came while the job was starting: it is requeued now")
+        os.kill(os.getpid(), held_signals.pop())
+
+
+def note_requeue(params: dict) -> None:
+    """submitit calls the launcher's checkpoint() when Slurm's time limit (or a preemption) is near:
+    say so in the job's log, in our words, and remember it for the job's record."""
+    global requeue_asked
+    requeue_asked = True
+    log.warning(
+        "Slurm's time limit (timeout_min=%s) or a preemption is near: submitit requeues this job, which "
+        "then resumes from checkpoints/last.ckpt (requeued %d times so far; at most %s after time limits)",
+        params.get("timeout_min"), restarts(), params.get("max_num_timeout"),
+    )  # fmt: skip
+
+
+def restarts() -> int:
+    """How many times Slurm requeued this job so far (0 outside Slurm)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", 0))
+
+
+def time_limit_record(err: BaseException) -> dict:
+    """What a job's record says when ``err`` stopped it: requeued by submitit at Slurm's time limit
+    (pending again, it resumes by itself), or not requeued (failed, with what to change); {} for
+    anything else."""
+    if isinstance(err, SystemExit) and requeue_asked:
+        return {"status": "pending", "error": None, "requeued": restarts() + 1}
+    if isinstance(err, UncompletedJobError) and requeue_asked:
+        return {
+            "status": "failed",
+            "error": f"{err} The job reached Slurm's time limit again: raise hydra.launcher.timeout_min "
+            "or hydra.launcher.max_num_timeout; the same command resumes it from its last.ckpt",
+        }
+    return {}
+
+
+def requeue_signal_delay(timeout_min: int) -> int:
+    """``signal_delay_s`` for a job limit of ``timeout_min``: an eighth of it, from 60 to 120 s.
+    slurmctld looks at time limits once a minute and signals a job from 30 s before ``signal_delay_s``
+    on, so the signal comes up to 30 s before or after that moment: 60 s keeps it ahead of the
+    limit. Requeueing takes a second; what the job trained since its last epoch is trained again."""
+    return max(60, min(120, int(timeout_min) * 60 // 8))
+
+
+held_signals: list[int] = []
+
+
+def _hold_early_signal() -> None:
+    """In a job that submitit starts on Slurm this module is imported while the job's pickle is read,
+    before submitit installs its signal handlers: until then Slurm's USR2 (the default action ends
+    the process) is held, for ``SubmititSlurmLauncher.__call__`` to deliver."""
+    if (
+        os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return
+    number = getattr(signal, f"SIG{SlurmJobEnvironment.USR_SIG}", None)
+    if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+        signal.signal(number, lambda signum, frame: held_signals.append(signum))
+
+
+_hold_early_signal()
+
+
+def lightning_plugins() -> list:
+    """In a job of this launcher, Lightning's Slurm environment without its auto-requeue (see the
+    module's docstring); elsewhere (a run in your own sbatch script, say) Lightning's default."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    submitit_job = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    return [SLURMEnvironment(auto_requeue=False)] if submitit_job and SLURMEnvironment.detect() else []
