@@ -146,6 +146,7 @@ stop() {
     fi
     if ours; then
         scancel --full --quiet --user "$(id -un)" 2>/dev/null || true  # jobs first: none outlives its node
+        for _ in $(seq 30); do [[ -z $(squeue -h 2>/dev/null) ]] && break; sleep 1; done
     fi
     stop_daemon slurmd
     stop_daemon slurmctld

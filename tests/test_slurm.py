@@ -12,10 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
 from coco_multilabel.decisions.submission import validate_submission
+from tests.conftest import tiny
 from tests.helpers import ROOT, cli
 
 PARTITION = "debug"  # .ci/slurm.sh's
@@ -43,11 +45,11 @@ def test_a_grid_runs_as_slurm_jobs_and_a_job_cut_by_its_time_limit_comes_back_by
     """Two jobs of the plain recipe, the same but for a first attempt of job 1 that sleeps after
     its first epoch past its 3-minute limit (Slurm looks at limits once a minute and signals up to
     90 s before): Slurm signals it, submitit requeues it, it resumes from its last.ckpt and ends
-    where the uncut job 0 ends, with the same scores."""
+    where the uncut job 0 ends, with the same scores. A DataLoader worker each: Slurm signals them too."""
     sweep = tmp_path / "sweep"
     stall = ["+callbacks.stall._target_=tests.helpers.StallFirstAttempt", "+callbacks.stall.epoch=1"]
     result = cli(
-        "experiment=plain", f"data.root={tiny_root}", "trainer.max_epochs=3", *ON_SLURM,
+        "experiment=plain", f"data.root={tiny_root}", "trainer.max_epochs=3", "data.num_workers=1", *ON_SLURM,
         "hydra.launcher.timeout_min=3", *stall, "+callbacks.stall.seconds=0,600", f"hydra.sweep.dir={sweep}",
         "-m", cwd=tmp_path,
     )  # fmt: skip
@@ -84,6 +86,34 @@ def test_a_grid_runs_as_slurm_jobs_and_a_job_cut_by_its_time_limit_comes_back_by
     validate_submission(
         json.loads(out.read_text()), sorted(p.stem for p in (tiny_root / "images/test").glob("*.jpg"))
     )
+
+
+def test_a_job_slurm_kills_is_recorded_as_failed_and_ends_the_sweep_with_one_line(tiny_root, tmp_path):
+    """scancel, as an out-of-memory kill or a lost node would: the job leaves no result. The sweep
+    learns it from squeue (no accounting here), records it and exits 1, instead of waiting forever."""
+    sweep = tmp_path / "sweep"
+    stall = ["+callbacks.stall._target_=tests.helpers.StallFirstAttempt", "+callbacks.stall.epoch=0"]
+    command = [
+        sys.executable, "-m", "coco_multilabel.train", *tiny(f"data.root={tiny_root}", *ON_SLURM, *stall),
+        "+callbacks.stall.seconds=600", f"hydra.sweep.dir={sweep}", "-m",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as sweeping:
+        record = sweep / "0" / "result.json"
+        deadline = time.monotonic() + 300
+        while not (record.is_file() and json.loads(record.read_text())["status"] == "running"):
+            assert sweeping.poll() is None and time.monotonic() < deadline, sweeping.stdout.read()[-3000:]
+            time.sleep(1)
+        (job,) = [p.name for p in (sweep / ".submitit").iterdir() if p.is_dir()]
+        subprocess.run(["scancel", job], check=True)
+        output, _ = sweeping.communicate(timeout=300)
+    assert sweeping.returncode == 1, output[-3000:]
+    assert "Slurm ended the job without a result (state CANCELLED)" in output, output[-3000:]
+    assert "Traceback" not in output
+    record = json.loads(record.read_text())
+    assert record["status"] == "failed" and "state CANCELLED" in record["error"]
 
 
 def test_one_run_as_two_slurm_tasks_joined_by_ddp_over_gloo(tiny_root, tmp_path):

@@ -33,8 +33,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "coco_multilabel", source / "coco_multilabel",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for package in ("coco_multilabel", "hydra_plugins"):  # hydra_plugins: the Slurm launcher
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(source)], tmp, env)
@@ -46,6 +46,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
 def test_the_wheel_carries_the_configs_and_trains_submits_and_evaluates_elsewhere(installed, tmp_path):
     site, env = installed
     assert (site / "coco_multilabel" / "conf" / "experiment" / "top_csra.yaml").is_file()
+    assert (site / "hydra_plugins" / "coco_multilabel_submitit" / "__init__.py").is_file()
     python = [sys.executable, "-P"]  # -P: the working directory is not on the path either
     where = run([*python, "-c", "import coco_multilabel; print(coco_multilabel.__file__)"], tmp_path, env)
     assert Path(where.strip()).is_relative_to(site), f"imported from {where}, not the installed wheel"

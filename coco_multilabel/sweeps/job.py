@@ -27,7 +27,7 @@ from coco_multilabel.cli import in_multirun
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_json_atomic
 from coco_multilabel.sweeps.devices import acquire_device, visible_devices
-from coco_multilabel.sweeps.slurm import time_limit_record
+from coco_multilabel.sweeps.slurm import time_limit_outcome
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,10 @@ def run_job(
         try:
             summary = train(cfg)
         except BaseException as err:
-            cut = time_limit_record(err)  # Slurm's time limit: requeued (pending again), or not
+            cut, instead = time_limit_outcome(err)  # Slurm's time limit: requeued, or no requeue left
             _write(run_dir, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}", **cut})
-            if cut.get("status") == "failed":
-                raise UserError(cut["error"]) from err
+            if instead is not None:
+                raise instead from err
             raise
     record.update(summary, status="done", ended=_now(), wall_s=round(time.perf_counter() - start, 1))
     _write(run_dir, record)

@@ -11,21 +11,30 @@ Hydra's launcher:
   catches it, requeues the job (at most ``max_num_timeout`` times) and the job, started again, resumes
   from its ``checkpoints/last.ckpt`` (``sweeps/job.py``). A signal that arrives while the job is still
   starting (a short limit, a slow start) is held until submitit's handler is in place, instead of
-  killing the job. Lightning's own auto-requeue listens for USR1, which is never sent: it is turned
-  off, so that the log names the one mechanism that acts.
+  killing the job; the DataLoader's workers, which Slurm signals too, leave it to the job. Lightning's
+  own auto-requeue listens for USR1, which is never sent: it is turned off, so that the log names the
+  one mechanism that acts.
+- **Jobs killed** (cancelled, out of memory, a node lost) leave no result: recorded as failed, they
+  end the sweep with exit 1 once the other jobs are done, not with a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import open_dict
 from submitit.core.utils import UncompletedJobError
-from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob, SlurmJobEnvironment
+from submitit.slurm import slurm as submitit_slurm
+
+from coco_multilabel.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,7 @@ ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL
 NOT_ENDED = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "PREEMPTED"}
 
 
-class SqueueWatcher(SlurmInfoWatcher):
+class SqueueWatcher(submitit_slurm.SlurmInfoWatcher):
     """submitit's watcher, asking ``squeue`` where ``sacct`` has no accounting database to ask."""
 
     def __init__(self, delay_s: int = 600):
@@ -80,17 +89,66 @@ class SqueueWatcher(SlurmInfoWatcher):
 requeue_asked = False  # submitit called the launcher's checkpoint(): the job is requeued, or refused that
 
 
-def install_watcher() -> None:
-    """submitit's jobs share one watcher (a class attribute): ours, in the process that submits."""
-    if not isinstance(SlurmJob.watcher, SqueueWatcher):
-        SlurmJob.watcher = SqueueWatcher()
+class SlurmJob(submitit_slurm.SlurmJob):
+    """submitit's Slurm job, followed by a SqueueWatcher. One that Slurm ended without a result
+    (cancelled, out of memory, a time limit with no requeue left, a node lost) is recorded as failed
+    and returns nothing, as a job stopped by a user error does, instead of stopping the sweep with
+    a traceback: the other jobs are still awaited, and the sweep exits 1 naming it."""
+
+    watcher = SqueueWatcher()
+
+    def results(self):
+        try:
+            return super().results()
+        except UncompletedJobError:
+            return [self._ended_without_result()]
+
+    def _ended_without_result(self) -> JobReturn:
+        # imported here: job.py imports this module, and a job must hold the signal before torch loads
+        from coco_multilabel.io import write_json_atomic
+        from coco_multilabel.sweeps.job import RESULT, read_result
+
+        delayed = self.submission()
+        launcher, (overrides, _, num) = delayed.function, delayed.args[:3]
+        state = self.watcher.get_state(self.job_id, mode="cache")
+        error = f"Slurm ended the job without a result (state {state}); its log: {self.paths.stderr}"
+        log.error("job %s: %s; the same command resumes it", num, error)
+        config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(config.hydra.job):
+            config.hydra.job.num = num
+        job_dir = Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir)
+        record = read_result(job_dir) or {"overrides": list(overrides)}
+        if record.get("status") != "done":
+            write_json_atomic(job_dir / RESULT, {**record, "status": "failed", "error": error}, indent=1)
+        return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)
 
 
-def deliver_held_signal() -> None:
-    """A time-limit signal held while the job started goes to submitit's handler now, in place."""
+@contextlib.contextmanager
+def jobs_followed_by_squeue():
+    """While Hydra's launcher submits and awaits a sweep, submitit makes its jobs of SlurmJob above."""
+    original = submitit_slurm.SlurmExecutor.job_class
+    submitit_slurm.SlurmExecutor.job_class = SlurmJob
+    try:
+        yield
+    finally:
+        submitit_slurm.SlurmExecutor.job_class = original
+
+
+def handle_time_limit_signal_here() -> None:
+    """In the job, once submitit's signal handlers are in place: its time-limit handler acts in this
+    process only, and a signal held while the job started reaches it now. Slurm signals every process
+    of the job, and the DataLoader's workers, forked from it, would each requeue the job and exit."""
+    number = time_limit_signal()
+    submitits, job_pid = signal.getsignal(number), os.getpid()
+
+    def in_job_process_only(signum, frame):
+        if os.getpid() == job_pid and callable(submitits):
+            submitits(signum, frame)
+
+    signal.signal(number, in_job_process_only)
     if held_signals:
         log.warning("the time-limit signal came while the job was starting: it is requeued now")
-        os.kill(os.getpid(), held_signals.pop())
+        os.kill(job_pid, held_signals.pop())
 
 
 def note_requeue(params: dict) -> None:
@@ -110,19 +168,21 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", 0))
 
 
-def time_limit_record(err: BaseException) -> dict:
-    """What a job's record says when ``err`` stopped it: requeued by submitit at Slurm's time limit
-    (pending again, it resumes by itself), or not requeued (failed, with what to change); {} for
-    anything else."""
-    if isinstance(err, SystemExit) and requeue_asked:
-        return {"status": "pending", "error": None, "requeued": restarts() + 1}
-    if isinstance(err, UncompletedJobError) and requeue_asked:
-        return {
-            "status": "failed",
-            "error": f"{err} The job reached Slurm's time limit again: raise hydra.launcher.timeout_min "
-            "or hydra.launcher.max_num_timeout; the same command resumes it from its last.ckpt",
-        }
-    return {}
+def time_limit_outcome(err: BaseException) -> tuple[dict, BaseException | None]:
+    """What a job's record says when ``err`` stopped it after submitit was asked to requeue it at
+    Slurm's time limit, and the exception to end the job with instead of ``err``: requeued, it is
+    pending again and exits without a result (whatever broke meanwhile: Slurm's SIGTERM also ends the
+    DataLoader's workers); refused a requeue, it failed, and the user is told what to raise.
+    ({}, None) for an ``err`` of another kind."""
+    if not requeue_asked:
+        return {}, None
+    if isinstance(err, UncompletedJobError):
+        error = (
+            f"{err} The job reached Slurm's time limit again: raise hydra.launcher.timeout_min or "
+            "hydra.launcher.max_num_timeout; the same command resumes it from its last.ckpt"
+        )
+        return {"status": "failed", "error": error}, UserError(error)
+    return {"status": "pending", "error": None, "requeued": restarts() + 1}, SystemExit(-1)
 
 
 def requeue_signal_delay(timeout_min: int) -> int:
@@ -136,18 +196,22 @@ def requeue_signal_delay(timeout_min: int) -> int:
 held_signals: list[int] = []
 
 
+def time_limit_signal() -> int:
+    """The signal submitit asks Slurm to send before a job's time limit (USR2 unless configured)."""
+    return getattr(signal, f"SIG{submitit_slurm.SlurmJobEnvironment.USR_SIG}")
+
+
 def _hold_early_signal() -> None:
     """In a job that submitit starts on Slurm this module is imported while the job's pickle is read,
-    before submitit installs its signal handlers: until then Slurm's USR2 (the default action ends
-    the process) is held, for ``SubmititSlurmLauncher.__call__`` to deliver."""
+    before submitit installs its signal handlers: until then Slurm's time-limit signal (its default
+    action ends the process) is held, for ``handle_time_limit_signal_here`` to deliver."""
     if (
         os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
         or threading.current_thread() is not threading.main_thread()
     ):
         return
-    number = getattr(signal, f"SIG{SlurmJobEnvironment.USR_SIG}", None)
-    if number is not None and signal.getsignal(number) == signal.SIG_DFL:
-        signal.signal(number, lambda signum, frame: held_signals.append(signum))
+    if signal.getsignal(time_limit_signal()) == signal.SIG_DFL:
+        signal.signal(time_limit_signal(), lambda signum, frame: held_signals.append(signum))
 
 
 _hold_early_signal()

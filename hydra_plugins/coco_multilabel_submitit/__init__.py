@@ -12,11 +12,11 @@ class SubmititSlurmLauncher(SlurmLauncher):
     job that reaches its time limit requeued to resume from its last.ckpt."""
 
     def launch(self, job_overrides, initial_job_idx):
-        slurm.install_watcher()  # in the process that submits the jobs and waits for them
-        return super().launch(job_overrides, initial_job_idx)
+        with slurm.jobs_followed_by_squeue():  # in the process that submits the jobs and awaits them
+            return super().launch(job_overrides, initial_job_idx)
 
     def __call__(self, *args, **kwargs):
-        slurm.deliver_held_signal()  # in the job, on its node: submitit's signal handlers are in place
+        slurm.handle_time_limit_signal_here()  # in the job, on its node, after submitit's own set-up
         return super().__call__(*args, **kwargs)
 
     def checkpoint(self, *args, **kwargs):
