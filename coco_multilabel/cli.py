@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_text_atomic
 from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
-from coco_multilabel.sweeps.slurm import requeue_signal_delay
+from coco_multilabel.sweeps.slurm import end_if_requeued, requeue_signal_delay
 from coco_multilabel.training.precision import gpu_precision
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
@@ -71,6 +71,7 @@ def report_user_errors(main):
         try:
             return main(*args, **kwargs)
         except Exception as err:
+            end_if_requeued(err)  # on Slurm: requeued at its time limit, this attempt's end is no error
             cause = err
             while cause is not None and not isinstance(cause, UserError):
                 cause = cause.__cause__  # Hydra's instantiate wraps what the target raised

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from submitit.core.utils import UncompletedJobError
 
-from coco_multilabel.cli import CONFIG_DIR
+from coco_multilabel.cli import CONFIG_DIR, report_user_errors
 from coco_multilabel.errors import UserError
 from coco_multilabel.sweeps import slurm
 from coco_multilabel.sweeps.job import run_job
@@ -68,6 +68,21 @@ def test_job_states_come_from_sacct_where_it_answers(tmp_path, monkeypatch):
     assert {c.split()[0] for c in calls} == {"sacct"}
 
 
+def test_submitit_makes_every_job_of_a_sweep_one_that_squeue_follows(tmp_path, monkeypatch):
+    """A single job and the tasks of an array: submitit builds them in two places."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    fake_commands(tmp_path / "bin", sbatch="#!/bin/sh\necho 'Submitted batch job 42'\n", srun="#!/bin/sh\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    executor = SlurmExecutor(folder=tmp_path / "jobs")
+    with slurm.jobs_followed_by_squeue():
+        single = executor.submit(print, "one")
+        array = executor.map_array(print, ["a", "b"])
+    assert [type(job) for job in (single, *array)] == [slurm.SlurmJob] * 3
+    assert [job.job_id for job in array] == ["42_0", "42_1"]
+    assert isinstance(SlurmExecutor(folder=tmp_path / "jobs").submit(print, "after"), slurm.SlurmJob) is False
+
+
 HOLD = """
 import os, signal, time
 import coco_multilabel.sweeps.slurm as slurm
@@ -94,6 +109,39 @@ def test_the_time_limit_signal_waits_for_submitits_handler_and_reaches_the_job_p
     env.pop("SUBMITIT_EXECUTOR")  # not a submitit job: the signal keeps its default action
     plain = subprocess.run([sys.executable, "-c", HOLD], env=env, capture_output=True, text=True, timeout=120)
     assert plain.returncode == -signal.SIGUSR2
+
+
+REQUEUED = """
+import os, signal, sys, time
+import coco_multilabel.sweeps.slurm as slurm
+signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit(-1))   # submitit's, after scontrol requeue
+slurm.handle_time_limit_signal_here()
+try:
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(5)
+except SystemExit:
+    pass
+try:   # what a DataLoader worker's death, Slurm's SIGTERM, makes of the unwinding
+    slurm.end_if_requeued(RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated."))
+except SystemExit as exit:
+    print(f"ends with {exit.code}")
+"""
+
+
+def test_an_attempt_slurm_requeued_ends_without_a_result_whatever_breaks_while_it_unwinds(monkeypatch):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBMITIT_EXECUTOR": "slurm"}
+    ended = subprocess.run(
+        [sys.executable, "-c", REQUEUED], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ended.stdout.strip() == "ends with -1", ended.stderr[-2000:]
+
+    @report_user_errors
+    def main():
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(slurm, "requeued", True)
+    with pytest.raises(SystemExit):  # not an internal error, and no result for submitit to pickle
+        main()
 
 
 @pytest.mark.parametrize("timeout_min, delay_s", [(1, 60), (3, 60), (10, 75), (16, 120), (240, 120)])

@@ -87,6 +87,9 @@ class SqueueWatcher(submitit_slurm.SlurmInfoWatcher):
 
 
 requeue_asked = False  # submitit called the launcher's checkpoint(): the job is requeued, or refused that
+# Slurm requeued this job: this attempt ends without a result, whatever breaks while it unwinds (Slurm's
+# SIGTERM ends the DataLoader's workers, whose death the main process reports as an error)
+requeued = False
 
 
 class SlurmJob(submitit_slurm.SlurmJob):
@@ -125,13 +128,14 @@ class SlurmJob(submitit_slurm.SlurmJob):
 
 @contextlib.contextmanager
 def jobs_followed_by_squeue():
-    """While Hydra's launcher submits and awaits a sweep, submitit makes its jobs of SlurmJob above."""
-    original = submitit_slurm.SlurmExecutor.job_class
-    submitit_slurm.SlurmExecutor.job_class = SlurmJob
+    """While Hydra's launcher submits and awaits a sweep, submitit makes its jobs of SlurmJob above:
+    a single job through its executor's ``job_class``, the tasks of an array by the module's name."""
+    original = submitit_slurm.SlurmJob
+    submitit_slurm.SlurmExecutor.job_class = submitit_slurm.SlurmJob = SlurmJob
     try:
         yield
     finally:
-        submitit_slurm.SlurmExecutor.job_class = original
+        submitit_slurm.SlurmExecutor.job_class = submitit_slurm.SlurmJob = original
 
 
 def handle_time_limit_signal_here() -> None:
@@ -142,8 +146,13 @@ def handle_time_limit_signal_here() -> None:
     submitits, job_pid = signal.getsignal(number), os.getpid()
 
     def in_job_process_only(signum, frame):
+        global requeued
         if os.getpid() == job_pid and callable(submitits):
-            submitits(signum, frame)
+            try:
+                submitits(signum, frame)
+            except SystemExit:  # submitit exits this way only once scontrol requeued the job
+                requeued = True
+                raise
 
     signal.signal(number, in_job_process_only)
     if held_signals:
@@ -166,6 +175,12 @@ def note_requeue(params: dict) -> None:
 def restarts() -> int:
     """How many times Slurm requeued this job so far (0 outside Slurm)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", 0))
+
+
+def end_if_requeued(err: BaseException | None = None) -> None:
+    """Exit as submitit does after a requeue, so that no result is written: the next attempt's is."""
+    if requeued:
+        raise SystemExit(-1) from err
 
 
 def time_limit_outcome(err: BaseException) -> tuple[dict, BaseException | None]:

@@ -17,7 +17,9 @@ class SubmititSlurmLauncher(SlurmLauncher):
 
     def __call__(self, *args, **kwargs):
         slurm.handle_time_limit_signal_here()  # in the job, on its node, after submitit's own set-up
-        return super().__call__(*args, **kwargs)
+        result = super().__call__(*args, **kwargs)
+        slurm.end_if_requeued()  # no result from an attempt Slurm requeued: submitit awaits the next one
+        return result
 
     def checkpoint(self, *args, **kwargs):
         slurm.note_requeue(self.params)
