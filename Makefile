@@ -111,8 +111,8 @@ gpu-check:  ## make gpu-check [ARGS=--smoke]: on a GPU machine, <= 8 min; writes
 	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m coco_multilabel.bench.gpu_check $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check coco_multilabel tests
-	$(VENV)/bin/ruff format --check coco_multilabel tests
+	$(VENV)/bin/ruff check coco_multilabel hydra_plugins tests
+	$(VENV)/bin/ruff format --check coco_multilabel hydra_plugins tests
 
 clean:
 	rm -rf $(VENV) outputs/demo outputs/demo-data
