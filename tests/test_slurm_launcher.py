@@ -102,6 +102,7 @@ print(got == [os.getpid()] and status == 0 and not slurm.held_signals)
 """
 
 
+@pytest.mark.slow  # a Python process of its own, signalled
 def test_the_time_limit_signal_waits_for_submitits_handler_and_reaches_the_job_process_only():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBMITIT_EXECUTOR": "slurm"}
     held = subprocess.run([sys.executable, "-c", HOLD], env=env, capture_output=True, text=True, timeout=120)
@@ -128,6 +129,7 @@ except SystemExit as exit:
 """
 
 
+@pytest.mark.slow  # a Python process of its own, signalled
 def test_an_attempt_slurm_requeued_ends_without_a_result_whatever_breaks_while_it_unwinds(monkeypatch):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBMITIT_EXECUTOR": "slurm"}
     ended = subprocess.run(
