@@ -18,7 +18,7 @@ MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the out
 SWEEP ?= backbones
 K ?= 5
 
-.PHONY: bench-scale ablation install demo test test-all data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
+.PHONY: bench-scale ablation install demo test test-all slurm-up slurm-down data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -38,8 +38,14 @@ demo: install  ## synthetic data -> train the default backbone -> submission JSO
 test: install  ## the fast tier: unit tests and small end-to-end runs, a few minutes
 	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
 
-test-all: install  ## every test: also those that train, spawn DDP processes, kill runs, or need Slurm
+test-all: install  ## every test: also those that train, spawn DDP processes, kill runs, or need Slurm (make slurm-up)
 	$(PY) -m pytest -q $(ARGS)
+
+slurm-up:  ## as root, Debian/Ubuntu: a one-node Slurm here (partition debug) to try hydra/launcher=slurm; make slurm-down
+	.ci/slurm.sh start
+
+slurm-down:  ## stop make slurm-up's Slurm; remove its config, state and logs
+	.ci/slurm.sh stop
 
 data: install  ## make data ZIP=ms-coco.zip [DATA=data/ms-coco]: unpack the challenge archive, then check it
 	$(PY) -m coco_multilabel.unpack $(ZIP) $(DATA)
@@ -117,8 +123,8 @@ gpu-check:  ## make gpu-check [ARGS=--smoke]: on a GPU machine, Python 3.12, ~10
 	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m coco_multilabel.bench.gpu_check $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check coco_multilabel tests
-	$(VENV)/bin/ruff format --check coco_multilabel tests
+	$(VENV)/bin/ruff check coco_multilabel hydra_plugins tests
+	$(VENV)/bin/ruff format --check coco_multilabel hydra_plugins tests
 
 clean:
 	rm -rf $(VENV) outputs/demo outputs/demo-data

@@ -31,6 +31,7 @@ from coco_multilabel.models.checkpoints import (
 )
 from coco_multilabel.reporting.run_summary import print_summary
 from coco_multilabel.sweeps.job import run_job
+from coco_multilabel.sweeps.slurm import lightning_plugins
 from coco_multilabel.training.options import check_options
 from coco_multilabel.training.phases import fit_phases
 from coco_multilabel.training.precision import use_tensor_cores
@@ -75,7 +76,7 @@ def train(cfg: DictConfig) -> dict:
     # the budget and the epoch cap are the run's, over all phases; a half-written checkpoint is never wanted
     trainer = instantiate(
         cfg.trainer, max_epochs=1, max_time=None, callbacks=callbacks, logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *lightning_plugins()],
     )  # fmt: skip
     use_tensor_cores(trainer)
     fit_phases(trainer, model, datamodule, phases, cfg.ckpt_path, budget)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -90,3 +91,16 @@ class CacheRecorder(L.Callback):
         values = np.asarray(features.features)[features.rows]
         digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
         self._append("train", trainer, {"rows": features.rows.tolist(), "digest": digest})
+
+
+class StallFirstAttempt(L.Callback):
+    """Sleep ``seconds`` when training epoch ``epoch`` (0-based) starts, in a Slurm job's first
+    attempt only (``SLURM_RESTART_COUNT`` unset), the last.ckpt of the epochs before it saved: a
+    job that outlasts its time limit once, and trains as it would without this callback."""
+
+    def __init__(self, epoch: int, seconds: float):
+        self.epoch, self.seconds = epoch, seconds
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch and int(os.environ.get("SLURM_RESTART_COUNT", 0)) == 0:
+            time.sleep(self.seconds)

@@ -40,8 +40,8 @@ def wheel(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "coco_multilabel", source / "coco_multilabel",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for package in ("coco_multilabel", "hydra_plugins"):  # hydra_plugins: the Slurm launcher
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run([sys.executable, *PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
          str(source)], tmp, env)  # fmt: skip
@@ -79,6 +79,8 @@ def trains_submits_and_evaluates(python: list[str], scripts: Path, site: Path, e
 
 def test_the_wheel_carries_the_configs_and_trains_submits_and_evaluates_elsewhere(installed, tmp_path):
     site, env = installed
+    assert (site / "coco_multilabel" / "conf" / "experiment" / "top_csra.yaml").is_file()
+    assert (site / "hydra_plugins" / "coco_multilabel_submitit" / "__init__.py").is_file()
     python = [sys.executable, "-P"]  # -P: the working directory is not on the path either
     trains_submits_and_evaluates(python, site / "bin", site, env, tmp_path)
 

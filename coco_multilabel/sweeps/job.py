@@ -28,6 +28,7 @@ from coco_multilabel.cli import in_multirun, run_dir_for
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_json_atomic
 from coco_multilabel.sweeps.devices import acquire_device, visible_devices
+from coco_multilabel.sweeps.slurm import time_limit_outcome
 from coco_multilabel.training.resume import (
     fixed_changes,
     group_choices,
@@ -84,7 +85,10 @@ def run_job(
         try:
             summary = train(cfg)
         except BaseException as err:
-            _write(run_dir, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+            cut, instead = time_limit_outcome(err)  # Slurm's time limit: requeued, or no requeue left
+            _write(run_dir, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}", **cut})
+            if instead is not None:
+                raise instead from err
             raise
     record.update(summary, status="done", ended=utc_now())
     record.setdefault("wall_s", round(time.perf_counter() - start, 1))  # train() may count earlier segments
