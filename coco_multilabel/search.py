@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+import matplotlib
 import optuna
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -64,7 +65,9 @@ def prepare(argv: list[str]) -> tuple[Search, int, Devices]:
         raise UserError(f"no search space {space_name!r}: SPACE= one of {', '.join(spaces)} (conf/search/)")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         try:
-            cfg = compose("train", overrides=[*train, f"+search={space_name}", *settings])
+            cfg = compose(
+                "train", overrides=[*train, f"+search={space_name}", *settings], return_hydra_config=True
+            )
         except HydraException as err:
             raise UserError(f"the overrides do not compose: {hydra_message(err)}") from err
         space = OmegaConf.to_container(cfg.search.get("params") or {})
@@ -72,6 +75,9 @@ def prepare(argv: list[str]) -> tuple[Search, int, Devices]:
             raise UserError(f"search={space_name} lists no params to search (conf/search/{space_name}.yaml)")
         data = str(Path(cfg.data.root).resolve()) if cfg.data.root else None
         train = [f"data.root={data}", *(o for o in train if not o.startswith("data.root="))]
+        recipe = cfg.hydra.runtime.choices.get("experiment")
+        if cfg.search.folds and recipe and not any(o.lstrip("~+").startswith("experiment") for o in train):
+            train.append(f"experiment={recipe}")  # make cv would train experiment=leaderboard otherwise
         backbones = {}
         for ends in extremes(space):  # also a wrong key or value of the space fails here
             try:
@@ -144,6 +150,7 @@ def run_workers(workers: Workers, count: int) -> bool:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    matplotlib.use("Agg")  # workers draw the summary's plots in threads: no window system's backend
     search, count, devices = prepare(sys.argv[1:] if argv is None else argv)
     study = open_study(search.dir, create=search)
     log.info("study %s: %d trials, %d at once here; the same command again continues it", search.dir,

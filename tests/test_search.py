@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from coco_multilabel.decisions.submission import read_submission
 from coco_multilabel.errors import UserError
+from coco_multilabel.models.ensemble import member_paths
 from coco_multilabel.search import prepare
 from coco_multilabel.sweeps.study import (
     HEARTBEAT,
@@ -96,8 +97,12 @@ def test_the_packaged_spaces_compose_and_pass_the_checks_at_every_end(space, tin
     assert search.space and search.args[0] == f"data.root={tiny_root}" and search.dir == tmp_path
     assert search.objective == "val/macro_f1_xfit" and search.direction == "maximize" and not search.folds
     assert workers == 1 and devices.keys == [] and search.sampler["seed"] == 0  # CPU: one trial at a time
-    folds, _, _ = prepare([*args, "search.folds=3", "search.workers=2"])
-    assert folds.folds == 3 and folds.objective == "oof/macro_f1_xfit"
+    folds, workers, _ = prepare([*args, "search.folds=3", "search.workers=2"])
+    assert folds.folds == 3 and folds.objective == "oof/macro_f1_xfit" and workers == 2
+    default = prepare([f"data.root={tiny_root}", f"search.dir={tmp_path}", "search.folds=3"])[0]
+    assert (
+        default.args[-1] == "experiment=top_csra"
+    )  # the folds train the recipe train does, as make cv is told
 
 
 @pytest.mark.parametrize(
@@ -295,7 +300,7 @@ def test_a_hopeless_learning_rate_is_pruned_and_its_trial_keeps_its_folder(tiny_
     args = [f"data.root={tiny_root}", f"search.dir={study_dir}", "~search.params", f"+{LR}",
             "search.workers=1", "monitor=val/loss", "callbacks.model_checkpoint.mode=min", "loss=bce",
             "scheduler=none", "trainer.max_epochs=3", "search.pruner.n_startup_trials=1",
-            "search.pruner.n_warmup_steps=1"]  # fmt: skip
+            "search.pruner.n_warmup_steps=2"]  # fmt: skip
     created = search_cli(*args, "search.trials=0", cwd=tmp_path)  # the study, no trial yet
     assert created.returncode == 0, created.stderr[-3000:]
     study = optuna.load_study(study_name="search", storage=storage(study_dir))
@@ -344,6 +349,24 @@ def test_a_search_killed_after_its_first_trial_and_launched_again_ends_with_exac
     assert notes["1"] == "its worker stopped; retried as trial 2" and notes["2"] == "retry of trial 1"
     rerun = search_cli(*args, cwd=tmp_path)  # a finished study: nothing more
     assert rerun.returncode == 0 and len(study.get_trials()) == 5
+
+
+@pytest.mark.slow
+def test_a_trial_scored_out_of_fold_is_a_cv_folder_and_submits_as_its_fold_models(tiny_root, tmp_path):
+    study_dir = tmp_path / "study"
+    args = [f"data.root={tiny_root}", f"search.dir={study_dir}", "search.trials=1", "search.folds=2"]
+    result = search_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name="search", storage=storage(study_dir)).get_trials()
+    cv = json.loads((study_dir / "0" / "cv.json").read_text())
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(cv["score_xfit"])
+    assert [f["fold"] for f in cv["folds"]] == [
+        0,
+        1,
+    ] and not trial.intermediate_values  # scored once, at its end
+    folds = [Path(f["checkpoint"]) for f in cv["folds"]]
+    assert member_paths(str(study_dir)) == folds and all(p.is_relative_to(study_dir / "0") for p in folds)
+    assert "`oof/macro_f1_xfit` (maximize), each trial scored out of fold over 2 folds" in result.stdout
 
 
 @pytest.mark.slow

@@ -135,6 +135,11 @@ def as_overrides(params: dict) -> list[str]:
     ]
 
 
+def describe(params: dict) -> str:
+    """A trial's params for people: floats to 4 significant digits (the overrides keep them whole)."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def extremes(space: dict[str, str]) -> list[list[str]]:
     """Overrides that together reach every end of the space (each choice, each interval's ends):
     composed and checked before the first trial, so that a bad key or value fails at once."""
@@ -432,8 +437,9 @@ class Workers:
         if device is not None and self.devices.gpu:
             env["CUDA_VISIBLE_DEVICES"] = device
         where = f" on device {device}" if device is not None else ""
-        params = " ".join(as_overrides(trial.params))
-        log.info("trial %d%s: %s (log: %s)", trial.number, where, params, folder / "trial.log")
+        log.info(
+            "trial %d%s: %s (log: %s)", trial.number, where, describe(trial.params), folder / "trial.log"
+        )
         start = time.perf_counter()
         beat = max(1.0, search.stale_after_s / 10)
         with heartbeat(folder / HEARTBEAT, beat), open(folder / "trial.log", "ab") as out:

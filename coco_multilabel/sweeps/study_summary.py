@@ -12,18 +12,15 @@ import io
 import warnings
 from pathlib import Path
 
-import matplotlib
+import matplotlib.figure
+import matplotlib.pyplot as plt
+import optuna
+from filelock import FileLock
+from optuna.trial import FrozenTrial, TrialState
+from optuna.visualization import matplotlib as optuna_plots
 
-matplotlib.use("Agg")  # worker threads draw these: never a window system's backend
-
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend)
-import optuna  # noqa: E402
-from filelock import FileLock  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
-from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
-
-from coco_multilabel.io import write_bytes_atomic, write_text_atomic  # noqa: E402
-from coco_multilabel.sweeps.study import Search, counted, open_study, retried, settings  # noqa: E402
+from coco_multilabel.io import write_bytes_atomic, write_text_atomic
+from coco_multilabel.sweeps.study import Search, counted, open_study, retried, settings
 
 STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
           TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}  # fmt: skip
@@ -117,7 +114,8 @@ def tables(rows: list[dict], search: Search, study_dir: Path, finished: int) -> 
 
 
 def figures(study: optuna.Study, objective: str) -> dict[str, matplotlib.figure.Figure]:
-    """Optuna's plots of what the study has so far (none of a plot with nothing to show yet)."""
+    """Optuna's plots of what the study has so far (none of a plot with nothing to show yet). They
+    draw through pyplot: a search's worker threads need its Agg backend (``search.main``)."""
     trials = study.get_trials(deepcopy=False)
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
     named = {"target_name": objective}
