@@ -18,7 +18,7 @@ MAKEFLAGS += --no-print-directory   # make predict ... | jq: nothing but the out
 SWEEP ?= backbones
 K ?= 5
 
-.PHONY: bench-scale ablation install demo test test-all slurm-up slurm-down data check-data train tensorboard sweep cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
+.PHONY: bench-scale ablation install demo test test-all slurm-up slurm-down data check-data train tensorboard sweep search cv sweep-report report submit predict evaluate bench lint clean clean-cache gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -63,16 +63,19 @@ tensorboard: install  ## make tensorboard [ARGS="--port 6007 --bind_all"]: every
 sweep: install  ## make sweep SWEEP=lr_dropout DATA=data/ms-coco ARGS="backbone=resnet50" (a grid of conf/sweep/)
 	$(PY) -m coco_multilabel.train data.root=$(DATA) sweep=$(SWEEP) $(ARGS) -m
 
+search: install  ## make search DATA=data/ms-coco [SPACE=lr_wd_dropout] [TRIALS=20] [WORKERS=n] [DIR=outputs/search/<space>] [ARGS=...]: an Optuna study, continued when run again; DIR/summary.md
+	$(PY) -m coco_multilabel.search data.root=$(DATA) $(if $(SPACE),search=$(SPACE)) $(if $(TRIALS),search.trials=$(TRIALS)) $(if $(WORKERS),search.workers=$(WORKERS)) $(if $(DIR),search.dir=$(DIR)) $(ARGS)
+
 cv: install  ## make cv DATA=data/ms-coco [K=5] [DIR=outputs/cv/<time>] [REFIT=true] [ARGS=...]: K folds of experiment=leaderboard (ARGS=experiment=... for another), then DIR/cv.md
 	$(PY) -m coco_multilabel.cv --data $(DATA) --folds $(K) $(if $(DIR),--dir $(DIR)) $(if $(filter true,$(REFIT)),--refit) $(ARGS)
 
-sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep)
+sweep-report: install  ## make sweep-report DIR=outputs/sweeps/lr_dropout (summary.csv/md, also mid-sweep; a make search DIR too)
 	@$(PY) -m coco_multilabel.sweeps.summary $(DIR)
 
-report: install  ## make report RUN=outputs/train/<run> (a sweep or make cv folder; a.ckpt,b.ckpt or a sweep with TOP=n: an ensemble) [DATA=...]
+report: install  ## make report RUN=outputs/train/<run> (a sweep, make cv or make search folder; a.ckpt,b.ckpt or a sweep with TOP=n: an ensemble) [DATA=...]
 	$(PY) -m coco_multilabel.report $(RUN) $(if $(TOP),--top $(TOP)) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(ARGS)
 
-submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json; CKPT=a,b / a make cv DIR / a sweep dir with TOP=n: an ensemble
+submit: install  ## make submit CKPT=outputs/train/<run>/checkpoints/best.ckpt DATA=data/ms-coco OUT=submission.json; CKPT=a,b / a make cv DIR / a sweep dir with TOP=n: an ensemble; a make search DIR: its best trial (TOP=n: the n best)
 	$(PY) -m coco_multilabel.submit "ckpt_path='$(CKPT)'" data.root=$(DATA) output=$(OUT) $(if $(TOP),submit.top=$(TOP)) $(ARGS)
 
 predict: install  ## make predict CKPT=outputs/train/<run>/checkpoints/best.ckpt IMAGE=<file or folder> [ARGS=--json]

@@ -3,6 +3,7 @@
 What a user runs, each ``python -m coco_multilabel.<name>`` (or the ``make`` target, or ``coco-<name>``):
 
 - ``train``       fit a model (Hydra: ``conf/train.yaml``); ``-m`` runs a sweep
+- ``search``      an Optuna study over the train config (``conf/search/``), resumable, one trial per GPU
 - ``submit``      write the leaderboard's JSON from a checkpoint
 - ``evaluate``    score a JSON or saved probabilities against label files
 - ``predict``     the classes a checkpoint sees in your own images

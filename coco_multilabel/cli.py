@@ -18,7 +18,7 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_text_atomic
 from coco_multilabel.library_messages import quiet_library_messages
 from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
-from coco_multilabel.sweeps.slurm import end_if_requeued, requeue_signal_delay
+from coco_multilabel.sweeps.slurm import end_if_requeued
 from coco_multilabel.training.precision import device_precision, eval_precision_of
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
@@ -57,7 +57,6 @@ OmegaConf.register_new_resolver("last_checkpoint", last_checkpoint, replace=True
 OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=True)
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
-from coco_multilabel.sweeps.slurm import end_if_requeued, requeue_signal_delay
 OmegaConf.register_new_resolver("device_precision", device_precision, replace=True)
 OmegaConf.register_new_resolver("eval_precision_of", eval_precision_of, replace=True)
 quiet_library_messages()  # every entry point imports this module

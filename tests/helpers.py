@@ -54,14 +54,17 @@ class WeightRecorder(L.Callback):
 
 class KillAtEpoch(L.Callback):
     """SIGKILL the whole process group (the run, or the sweep with its workers) when ``epoch``
-    starts, once: ``marker`` records that it happened. ``job_num`` picks one job of a multirun.
+    starts, once: ``marker`` records that it happened. ``job_num`` picks one job of a multirun,
+    ``run_dir_name`` one run by its folder's name (a search's trial number).
     Only for subprocesses started with ``start_new_session=True``."""
 
-    def __init__(self, epoch: int, marker: str, job_num: int | None = None):
-        self.epoch, self.marker, self.job_num = epoch, Path(marker), job_num
+    def __init__(self, epoch: int, marker: str, job_num: int | None = None, run_dir_name: str | None = None):
+        self.epoch, self.marker, self.job_num, self.run_dir_name = epoch, Path(marker), job_num, run_dir_name
 
     def on_train_epoch_start(self, trainer, pl_module):
         if self.job_num is not None and HydraConfig.get().job.get("num") != self.job_num:
+            return
+        if self.run_dir_name is not None and Path(trainer.default_root_dir).name != str(self.run_dir_name):
             return
         if trainer.current_epoch == self.epoch and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))

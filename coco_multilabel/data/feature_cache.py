@@ -31,8 +31,8 @@ from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.labels import CHECK_DATA_HINT
 from coco_multilabel.errors import UserError
 from coco_multilabel.io import disk_free, existing_parent, human_bytes
-from coco_multilabel.resources import job_memory_available
 from coco_multilabel.progress import track
+from coco_multilabel.resources import job_memory_available
 
 log = logging.getLogger(__name__)
 

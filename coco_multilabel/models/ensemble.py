@@ -1,7 +1,8 @@
 """Ensembles: several checkpoints predict together, their probabilities averaged.
 
-Members are named by checkpoint files, a cross-validation folder (``make cv``: its fold models) or
-a sweep folder (its ``top`` best jobs by the cross-fitted objective). Each member predicts at its
+Members are named by checkpoint files, a cross-validation folder (``make cv``: its fold models), a
+sweep folder (its ``top`` best jobs by the cross-fitted objective) or a study (``make search``: its
+best trial, or its ``top`` best). Each member predicts at its
 own image size, resize mode and flip TTA. The ensemble's thresholds are tuned on probabilities of
 the same ensemble on images none of its members trained on:
 
@@ -33,6 +34,7 @@ from coco_multilabel.models.checkpoints import load_model, read_checkpoint
 from coco_multilabel.models.classifier import MultiLabelClassifier
 from coco_multilabel.models.inference import checkpoint_image_size, predict_files
 from coco_multilabel.sweeps.job import read_result
+from coco_multilabel.sweeps.study import best_trials, is_study_dir
 from coco_multilabel.sweeps.summary import collect
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,8 @@ def is_cv_dir(path: Path) -> bool:
 def member_paths(spec: str | list | tuple | Path, top: int | None = None) -> list[Path]:
     """The checkpoints named by ``spec``: one file, files separated by commas (or a list), a run
     folder (its best checkpoint, or its refit one), a cross-validation folder (every fold's best
-    checkpoint) or a sweep folder (its ``top`` best jobs)."""
+    checkpoint), a sweep folder (its ``top`` best jobs) or a search's study (its best trial, or
+    its ``top`` best)."""
     if isinstance(spec, str):
         spec = [s.strip() for s in spec.strip("[]").split(",") if s.strip()]
     elif isinstance(spec, Path):
@@ -83,6 +86,8 @@ def member_paths(spec: str | list | tuple | Path, top: int | None = None) -> lis
     for item in map(Path, spec):
         if item.is_file() or not item.exists():
             paths.append(item)  # a missing file: read_checkpoint names it
+        elif is_study_dir(item):  # make search: its best trial, or its top best; each a run or a cv folder
+            paths += member_paths(best_trials(item, top or 1))
         elif is_cv_dir(item):
             paths += cv_checkpoints(item)
         elif (run := item / "checkpoints").is_dir():  # a run folder (make cv's refit/ among them)

@@ -3,7 +3,8 @@
 One self-contained ``report.html`` (figures embedded) and the PNGs behind it, in ``<dir>/report/``:
 for a run its learning curves, per-class precision/recall/F1, the threshold curve, class frequency
 in train and val, the worst classes with example false positives and negatives, and its config;
-for a sweep a table and plots across its jobs; for an ensemble (several checkpoints, a sweep's
+for a sweep a table and plots across its jobs; for a search (``make search``) its trials and
+Optuna's plots of the study; for an ensemble (several checkpoints, a sweep's
 ``top`` best jobs) its members and the same figures of the mean of their probabilities on the images
 none of them trained on, at the thresholds submit uses. A run that is still going is reported as far as it
 got; what cannot be drawn yet (no ``best.ckpt``, no data root) is replaced by a note saying why.
@@ -53,7 +54,9 @@ from coco_multilabel.models.ensemble import (
 from coco_multilabel.models.inference import predict_files
 from coco_multilabel.progress import plural
 from coco_multilabel.reporting import plots
+from coco_multilabel.sweeps import study_summary
 from coco_multilabel.sweeps.job import read_result
+from coco_multilabel.sweeps.study import is_study_dir, open_study, settings
 from coco_multilabel.sweeps.summary import collect
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,8 @@ def report(
         title, sections = f"Cross-validation {target}", cv_sections(target, data_root)
     elif is_run(target):
         title, sections = f"Run {target}", run_sections(target, data_root, out, progress)
+    elif is_study_dir(target):
+        title, sections = f"Search {target}", study_sections(target)
     elif rows := collect(target):
         title, sections = f"Sweep {target}", sweep_sections(target, rows)
     else:
@@ -444,6 +449,17 @@ def sweep_sections(sweep_dir: Path, rows: list[dict]) -> list[Section]:
         sections.append(
             figure_section(f"{objective} per epoch", "curves.png", plots.curves_figure(curves, objective))
         )
+    return sections
+
+
+def study_sections(study_dir: Path) -> list[Section]:
+    """A search (``make search``): its trials best first, then Optuna's plots of the study."""
+    study = open_study(study_dir)
+    search = settings(study, study_dir)
+    rows = study_summary.trial_rows(study, search)
+    sections = [Section(f"{len(rows)} trials, best first by {search.objective}", table(rows))]
+    for name, figure in study_summary.figures(study, search.objective).items():
+        sections.append(Section(study_summary.PLOTS[name], "", name, study_summary.png(figure)))
     return sections
 
 

@@ -28,6 +28,8 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.reporting.run_summary import next_commands
 from coco_multilabel.sweeps.job import read_result
+from coco_multilabel.sweeps.study import is_study_dir
+from coco_multilabel.sweeps.study_summary import write_study_summary
 
 GRID = "grid.json"  # every job of the grid and when it was launched; written before the first job
 STATUSES = ("done", "skipped", "running", "interrupted", "failed", "pending")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise UserError("usage: python -m coco_multilabel.sweeps.summary SWEEP_DIR (make sweep-report DIR=)")
-    path = write_summary(args[0])
+    path = write_study_summary(args[0]) if is_study_dir(args[0]) else write_summary(args[0])
     print(path.read_text(), end="")
     print(f"written: {path} and {path.with_suffix('.csv')}")
 

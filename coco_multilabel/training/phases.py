@@ -44,7 +44,7 @@ def fit_phases(
             trainer.fit(
                 model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None, weights_only=True
             )
-        if trainer.interrupted or budget.exhausted():
+        if trainer.interrupted or budget.exhausted() or trainer.should_stop:  # a callback ended the run
             break
 
 
