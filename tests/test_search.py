@@ -324,6 +324,7 @@ def test_a_hopeless_learning_rate_is_pruned_and_its_trial_keeps_its_folder(tiny_
 def test_a_search_killed_after_its_first_trial_and_launched_again_ends_with_exactly_four_trials(
     tiny_root, tmp_path
 ):
+    """Relaunched as two tasks of scripts/search.sbatch: two processes, workers of one study."""
     study_dir, marker = tmp_path / "study", tmp_path / "killed"
     kill = ["+callbacks.kill._target_=tests.helpers.KillAtEpoch", "+callbacks.kill.epoch=0",
             f"+callbacks.kill.marker={marker}", "+callbacks.kill.run_dir_name=1"]  # fmt: skip
@@ -335,8 +336,14 @@ def test_a_search_killed_after_its_first_trial_and_launched_again_ends_with_exac
     done = (study_dir / "0" / "result.json").read_text()
     best_0 = (study_dir / "0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
 
-    again = search_cli(*args, cwd=tmp_path, new_session=True)
-    assert again.returncode == 0, again.stderr[-3000:]
+    # launched again as SLURM would after a preemption: two tasks of the array, two processes
+    tasks = [subprocess.Popen(["bash", str(ROOT / "scripts" / "search.sbatch"), *tiny(*args)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable,
+                                   "SLURM_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": str(task)})
+             for task in range(2)]  # fmt: skip
+    said = "".join(task.communicate(timeout=900)[0] for task in tasks)
+    assert [task.returncode for task in tasks] == [0, 0], said[-3000:]
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, *[TrialState.COMPLETE] * 3]
     assert trials[2].params == trials[1].params and trials[2].system_attrs["failed_trial"] == 1
@@ -344,7 +351,8 @@ def test_a_search_killed_after_its_first_trial_and_launched_again_ends_with_exac
     assert (study_dir / "0" / "result.json").read_text() == done  # trial 0 not trained again
     assert (study_dir / "0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == best_0
     assert not (study_dir / "5").exists()
-    assert "trial 1: its worker stopped" in again.stderr
+    assert "trial 1: its worker stopped" in said
+    assert {t.user_attrs["worker"]["pid"] for t in trials[2:]} <= {task.pid for task in tasks}
     notes = {r["trial"]: r["note"] for r in read_csv(study_dir / "summary.csv")}
     assert notes["1"] == "its worker stopped; retried as trial 2" and notes["2"] == "retry of trial 1"
     rerun = search_cli(*args, cwd=tmp_path)  # a finished study: nothing more
@@ -367,33 +375,3 @@ def test_a_trial_scored_out_of_fold_is_a_cv_folder_and_submits_as_its_fold_model
     folds = [Path(f["checkpoint"]) for f in cv["folds"]]
     assert member_paths(str(study_dir)) == folds and all(p.is_relative_to(study_dir / "0") for p in folds)
     assert "`oof/macro_f1_xfit` (maximize), each trial scored out of fold over 2 folds" in result.stdout
-
-
-@pytest.mark.slow
-def test_two_array_tasks_of_the_sbatch_script_share_one_study(tiny_root, tmp_path):
-    """What SLURM runs: two processes of the same command, on any nodes, workers of one study."""
-    study_dir = tmp_path / "study"
-    command = ["bash", str(ROOT / "scripts" / "search.sbatch"),
-               *tiny(f"data.root={tiny_root}", f"search.dir={study_dir}", "search.trials=2")]  # fmt: skip
-    tasks = [
-        subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={
-                **os.environ,
-                "PYTHONPATH": str(ROOT),
-                "PYTHON": sys.executable,
-                "SLURM_JOB_ID": "4242",
-                "SLURM_ARRAY_TASK_ID": str(task),
-            },
-        )  # fmt: skip
-        for task in range(2)
-    ]
-    outputs = [task.communicate(timeout=900)[0] for task in tasks]
-    assert [task.returncode for task in tasks] == [0, 0], outputs
-    study = optuna.load_study(study_name="search", storage=storage(study_dir))
-    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
-    assert {t.user_attrs["worker"]["pid"] for t in study.get_trials()} <= {task.pid for task in tasks}

@@ -133,9 +133,11 @@ def figures(study: optuna.Study, objective: str) -> dict[str, matplotlib.figure.
         for name, plot in draw.items():
             if plot:
                 function, kwargs = plot
-                figure = function(study, **kwargs).figure
-                figure.set_size_inches(8, 5)
-                result[name] = figure
+                axes = function(study, **kwargs)
+                if name == "intermediate.png":  # Optuna's steps are this project's epochs
+                    axes.set(xlabel="epoch", ylabel=objective)
+                axes.figure.set_size_inches(8, 5)
+                result[name] = axes.figure
     return result
 
 
