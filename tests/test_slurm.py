@@ -1,8 +1,9 @@
 """The cluster path against a real Slurm: ``.ci/slurm.sh start`` (``make slurm-up``) runs a one-node
 cluster here, and ``.ci/run`` runs these with it. Skipped where no Slurm answers.
 
-A grid whose jobs are Slurm array tasks, one of them cut by its time limit and back by itself; one
-run as two Slurm tasks joined by DDP over gloo."""
+A grid whose jobs are Slurm array tasks, one of them cut by its time limit and back by itself; a job
+Slurm kills; one run as two Slurm tasks joined by DDP over gloo; ``make search``'s workers as the
+tasks of one job array, as ``scripts/search.sbatch`` says to submit them."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from coco_multilabel.decisions.submission import validate_submission
+from coco_multilabel.sweeps.study import storage
 from tests.conftest import tiny
 from tests.helpers import ROOT, cli
 
@@ -138,3 +142,25 @@ def test_one_run_as_two_slurm_tasks_joined_by_ddp_over_gloo(tiny_root, tmp_path)
     assert len(ranks[0]) == 2 and ranks[0] == ranks[1]  # both epochs, every weight, bit for bit
     record = json.loads((sweep / "0" / "result.json").read_text())
     assert record["status"] == "done" and record["epochs"] == 2
+
+
+def test_search_workers_as_the_tasks_of_a_slurm_job_array_share_one_study(tiny_root, tmp_path):
+    """scripts/search.sbatch as its comment says to submit it, its GPU and memory asks replaced for
+    this CPU node: two array tasks, each a worker, together finish exactly the study's 3 trials."""
+    study_dir = tmp_path / "study"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--array=0-1", f"--partition={PARTITION}", "--gres=none",
+         "--cpus-per-task=1", "--mem=4G", f"--output={tmp_path}/%x-%A_%a.out",
+         f"--export=ALL,PYTHONPATH={ROOT},PYTHON={sys.executable}", str(ROOT / "scripts" / "search.sbatch"),
+         *tiny(f"data.root={tiny_root}", f"search.dir={study_dir}", "search.trials=3")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    logs = {p.name: p.read_text() for p in tmp_path.glob("search-*.out")}
+    assert submitted.returncode == 0, (submitted.stderr, {k: v[-2000:] for k, v in logs.items()})
+    job = submitted.stdout.strip().split(";")[0]
+    assert sorted(logs) == [f"search-{job}_0.out", f"search-{job}_1.out"]
+    trials = optuna.load_study(study_name="search", storage=storage(study_dir)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert len({(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in trials}) == 2
+    rows = list(csv.DictReader((study_dir / "summary.csv").open()))
+    assert sorted(r["trial"] for r in rows) == ["0", "1", "2"] and {r["state"] for r in rows} == {"complete"}
