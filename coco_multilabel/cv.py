@@ -36,9 +36,9 @@ from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import save_probabilities
 from coco_multilabel.decisions.thresholds import rule_words
 from coco_multilabel.errors import UserError
+from coco_multilabel.folders import fold_jobs
 from coco_multilabel.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from coco_multilabel.models.checkpoints import read_checkpoint
-from coco_multilabel.models.ensemble import fold_jobs
 from coco_multilabel.sweeps.job import read_result
 
 log = logging.getLogger(__name__)

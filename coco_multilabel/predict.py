@@ -19,13 +19,9 @@ from coco_multilabel.classes import COCO_CLASSES
 from coco_multilabel.cli import report_user_errors
 from coco_multilabel.decisions.thresholds import decide, rule_of
 from coco_multilabel.errors import UserError
+from coco_multilabel.folders import read_members, split_kind
 from coco_multilabel.models.checkpoints import load_model
-from coco_multilabel.models.ensemble import (
-    ensemble_probabilities,
-    ensemble_thresholds,
-    member_paths,
-    read_member,
-)
+from coco_multilabel.models.ensemble import ensemble_probabilities, ensemble_thresholds
 from coco_multilabel.models.inference import predict_files
 
 log = logging.getLogger(__name__)
@@ -55,13 +51,13 @@ def predict(
     **inference,
 ) -> list[dict]:
     """Per image: ``labels`` as submit decides them and the ``top`` classes, each ``{class, name, prob}``.
-    ``ckpt_path``: a checkpoint or an ensemble, as for submit (models/ensemble.py).
+    ``ckpt_path``: a checkpoint or an ensemble, as for submit (folders.py).
     ``inference``: the options of :func:`predict_files`."""
-    members = [read_member(path) for path in member_paths(ckpt_path, top_jobs)]
+    members = read_members(ckpt_path, top_jobs)
     files = image_files(target)
     inference = {"progress_bar": False, "num_workers": 0 if len(files) < 64 else None, **inference}
     if len(members) > 1:
-        thresholds, tuning = ensemble_thresholds(members)
+        thresholds, tuning = ensemble_thresholds(members, split_kind(members))
         probs, _ = ensemble_probabilities(members, files, **inference)
     else:
         checkpoint = members[0].checkpoint

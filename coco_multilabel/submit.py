@@ -29,14 +29,9 @@ from coco_multilabel.decisions.probabilities import save_probabilities
 from coco_multilabel.decisions.submission import decide_with_fallback, write_submission
 from coco_multilabel.decisions.thresholds import describe, rule_of
 from coco_multilabel.errors import UserError
+from coco_multilabel.folders import read_members, split_kind
 from coco_multilabel.models.checkpoints import load_model
-from coco_multilabel.models.ensemble import (
-    ensemble_probabilities,
-    ensemble_thresholds,
-    member_paths,
-    read_member,
-    split_kind,
-)
+from coco_multilabel.models.ensemble import ensemble_probabilities, ensemble_thresholds
 from coco_multilabel.models.inference import predict_files
 
 log = logging.getLogger(__name__)
@@ -57,9 +52,9 @@ def submit(
 ) -> Path:
     """Write the predictions JSON for ``images`` (``test`` or ``val``); return its path.
     ``ckpt_path``: a checkpoint, or an ensemble (several, a ``make cv`` folder, a sweep folder with
-    ``top``; see models/ensemble.py). ``min_labels``: None applies the rule the thresholds were tuned
+    ``top``; see folders.py). ``min_labels``: None applies the rule the thresholds were tuned
     for (their ``threshold_tuning`` record). ``inference``: the options of :func:`predict_files`."""
-    members = [read_member(path) for path in member_paths(ckpt_path, top)]
+    members = read_members(ckpt_path, top)
     for member in members:
         classes = member.checkpoint["hyper_parameters"].get("num_classes", NUM_CLASSES)
         if classes != NUM_CLASSES:
@@ -83,7 +78,7 @@ def submit(
             checkpoint.get("threshold_tuning"),
         )
     else:  # thresholds first: they refuse members of different splits before any prediction
-        thresholds, tuning = ensemble_thresholds(members)
+        thresholds, tuning = ensemble_thresholds(members, split_kind(members))
         if threshold is not None:
             log.info("threshold %.3f for every class (submit.threshold)", threshold)
             thresholds = torch.full_like(thresholds, threshold)

@@ -13,16 +13,10 @@ from coco_multilabel.decisions.oof import out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.decisions.thresholds import describe, tune
 from coco_multilabel.errors import UserError
+from coco_multilabel.folders import member_paths, read_member, split_kind
 from coco_multilabel.models.backbones import StagedBackbone
 from coco_multilabel.models.checkpoints import load_model
-from coco_multilabel.models.ensemble import (
-    ensemble_probabilities,
-    ensemble_thresholds,
-    member_paths,
-    read_member,
-    shared_trunk_groups,
-    split_kind,
-)
+from coco_multilabel.models.ensemble import ensemble_probabilities, ensemble_thresholds, shared_trunk_groups
 from coco_multilabel.models.inference import predict_files
 from coco_multilabel.reporting.report import report
 from coco_multilabel.submit import submit
@@ -83,7 +77,7 @@ def test_a_cv_folder_submits_its_folds_with_thresholds_tuned_out_of_fold(runs, t
 def test_members_of_one_split_are_tuned_on_their_mean_val_probabilities(runs):
     members = [read_member(p) for p in runs["same"]]
     assert split_kind(members) == "split"
-    thresholds, record = ensemble_thresholds(members)
+    thresholds, record = ensemble_thresholds(members, "split")
     held = [m.held_out() for m in members]
     mean = torch.stack([h.probs for h in held]).mean(0)
     expected = tune(mean, held[0].targets, "global", "macro_f1", min_labels=record["min_labels"])
@@ -189,7 +183,7 @@ def test_the_report_of_a_cv_folder_shows_its_out_of_fold_predictions(runs, tiny_
 
 def test_the_report_of_an_ensemble_shows_its_members_and_their_mean_at_submits_thresholds(runs, tiny_root):
     members = [read_member(p) for p in runs["same"]]
-    thresholds, tuning = ensemble_thresholds(members)
+    thresholds, tuning = ensemble_thresholds(members, split_kind(members))
     listed = report(",".join(map(str, runs["same"])), str(tiny_root), progress=False)
     assert listed == runs["sweep"] / "report-ensemble" / "report.html"  # beside the members' runs
     top = report(runs["sweep"], str(tiny_root), progress=False, top=2)

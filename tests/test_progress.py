@@ -9,9 +9,11 @@ import pty
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from coco_multilabel.callbacks.progress import ImagesPerSecond
 from coco_multilabel.progress import EVERY_S, ProgressLines, duration, plural, progress, track
 from coco_multilabel.reporting.report import read_scalars
 from tests.conftest import tiny
@@ -24,6 +26,14 @@ class Clock:
 
     def __call__(self):
         return self.now
+
+
+def test_the_bars_images_per_second_are_its_batches_per_second_times_the_batch_size():
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams={"batch_size": 32}))
+    assert ImagesPerSecond(trainer).render(SimpleNamespace(speed=2.5)).plain == "80.0 img/s"
+    assert ImagesPerSecond(trainer).render(SimpleNamespace(speed=None)).plain == ""  # not measured yet
+    no_datamodule = SimpleNamespace(datamodule=None)  # a bare trainer.fit(model, loader): no batch size
+    assert ImagesPerSecond(no_datamodule).render(SimpleNamespace(speed=2.5)).plain == ""
 
 
 def test_lines_come_every_tenth_of_the_way_and_every_30_seconds_but_not_in_bursts():

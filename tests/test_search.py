@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from coco_multilabel.decisions.submission import read_submission
 from coco_multilabel.errors import UserError
-from coco_multilabel.models.ensemble import member_paths
+from coco_multilabel.folders import member_paths
 from coco_multilabel.search import prepare
 from coco_multilabel.sweeps.study import (
     HEARTBEAT,

@@ -25,8 +25,8 @@ from coco_multilabel.data.labels import read_label_dir, to_multi_hot
 from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities
 from coco_multilabel.decisions.thresholds import evaluate_thresholds, rule_of
+from coco_multilabel.folders import read_member
 from coco_multilabel.io import write_text_atomic
-from coco_multilabel.models.ensemble import read_member
 from coco_multilabel.submit import submit
 
 PLAIN = [PLAIN_RECIPE]

@@ -34,10 +34,11 @@ from coco_multilabel.data.label_index import load_label_index
 from coco_multilabel.decisions.oof import out_of_fold
 from coco_multilabel.decisions.thresholds import GRID, count_table, decide, evaluate_thresholds, rule_of
 from coco_multilabel.errors import UserError
+from coco_multilabel.folders import fold_jobs, split_kind
 from coco_multilabel.io import load_data_only, write_bytes_atomic, write_text_atomic
 from coco_multilabel.metrics import paired_bootstrap, score_tensors
 from coco_multilabel.models.checkpoints import load_model
-from coco_multilabel.models.ensemble import SharedTrunk, ensemble_thresholds, fold_jobs, shared_trunk_groups
+from coco_multilabel.models.ensemble import SharedTrunk, ensemble_thresholds, shared_trunk_groups
 from coco_multilabel.models.inference import predict_files
 
 CACHE = "holdout.members.pt"
@@ -102,7 +103,7 @@ def rule_comparison(probs, targets, tuning: dict, seeds: int = SEEDS) -> list[di
 def holdout_figures(cv_dir: Path, root: Path, **inference) -> dict:
     record = oof_table(cv_dir)
     members, _ = fold_jobs(cv_dir)
-    thresholds, tuning = ensemble_thresholds(members)
+    thresholds, tuning = ensemble_thresholds(members, split_kind(members))
     objective, min_labels = tuning.get("objective", "macro_f1"), rule_of(tuning)
     _, oof_probs, oof_targets = out_of_fold([m.held_out() for m in members])
     root = check_data_root(root, need=("images/test", "test-labels"))

@@ -2,9 +2,7 @@
 
 Epochs are numbered from 1, counted over the whole run across the phases of its schedule (each
 phase is its own ``trainer.fit`` on one Trainer, so Lightning's own "Epoch 3/3" would be 0-based and
-count to the end of the phase). The bar gains an images-per-second column; Lightning's
-``ThroughputMonitor`` does not fit it: it logs to the loggers only (no column to show), synchronises
-the GPU after every batch, and warns unless the model counts its FLOPs.
+count to the end of the phase). The bar gains an images-per-second column (:class:`ImagesPerSecond`).
 """
 
 from __future__ import annotations
@@ -27,7 +25,13 @@ WITHIN_EPOCH_GAP_S = 60.0  # a line within an epoch at most this often (and each
 
 
 class ImagesPerSecond(ProgressColumn):
-    """Batches per second times the batch size: images (or cached feature rows) per second."""
+    """Batches per second times the batch size: images (or cached feature rows) per second.
+
+    Ours, not Lightning's ``ThroughputMonitor``: that one hands its figures to the loggers only,
+    every ``log_every_n_steps`` (no column of the bar shows them), calls ``torch.cuda.synchronize``
+    after every batch, and warns unless the model counts its FLOPs (``flops_per_batch``). The bar
+    already measures its speed; this column only multiplies it by the batch size.
+    """
 
     def __init__(self, trainer):
         super().__init__()

@@ -40,17 +40,11 @@ from coco_multilabel.decisions.oof import oof_scores, out_of_fold
 from coco_multilabel.decisions.probabilities import read_probabilities, save_probabilities
 from coco_multilabel.decisions.thresholds import count_table, decide, describe, rule_of, rule_words
 from coco_multilabel.errors import UserError
+from coco_multilabel.folders import fold_jobs, is_cv_dir, read_members, split_kind
 from coco_multilabel.io import one_line, write_bytes_atomic, write_text_atomic
 from coco_multilabel.metrics import per_class_table
 from coco_multilabel.models.checkpoints import load_model, read_checkpoint
-from coco_multilabel.models.ensemble import (
-    ensemble_thresholds,
-    fold_jobs,
-    held_out_probabilities,
-    member_paths,
-    read_member,
-    split_kind,
-)
+from coco_multilabel.models.ensemble import ensemble_thresholds, held_out_probabilities
 from coco_multilabel.models.inference import predict_files
 from coco_multilabel.progress import plural
 from coco_multilabel.reporting import plots
@@ -84,7 +78,7 @@ def report(
     """Write the report of a run, a sweep or a cv folder, or of an ensemble (checkpoints separated
     by commas, a sweep folder with ``top``); return the path of its ``report.html``."""
     if top or "," in str(target):
-        members = [read_member(path) for path in member_paths(str(target), top)]
+        members = read_members(str(target), top)
         out = Path(out) if out else ensemble_folder(members, target, top)
         title, sections = f"Ensemble of {len(members)} models", ensemble_sections(members, data_root)
         return write_report(out, title, sections)
@@ -94,7 +88,7 @@ def report(
             f"{target} is not a folder; give a run folder (outputs/train/<run>) or a sweep folder"
         )
     out = Path(out) if out else target / "report"
-    if (target / "folds.json").is_file():
+    if is_cv_dir(target):
         title, sections = f"Cross-validation {target}", cv_sections(target, data_root)
     elif is_run(target):
         title, sections = f"Run {target}", run_sections(target, data_root, out, progress)
@@ -502,7 +496,7 @@ def ensemble_sections(members: list, data_root: str | None) -> list[Section]:
     members (their best epochs; a sweep's TOP=n by their scores): its figures are labelled so."""
     kind = split_kind(members)
     stems, probs, targets = held_out_probabilities(members, kind)
-    thresholds, tuning = ensemble_thresholds(members)
+    thresholds, tuning = ensemble_thresholds(members, kind)
     rows = []
     for m in members:
         run_tuning = m.checkpoint.get("threshold_tuning") or {}
