@@ -16,6 +16,7 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 import optuna
 from filelock import FileLock
+from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
@@ -81,8 +82,10 @@ def tables(rows: list[dict], search: Search, study_dir: Path, finished: int) -> 
     writer.writeheader()
     writer.writerows(rows)
 
-    states = [r["state"] for r in rows]
+    n_retried = sum("retried as trial" in r["note"] for r in rows)  # its retry counts in its place
+    states = [r["state"] for r in rows if "retried as trial" not in r["note"]]
     counts = ", ".join(f"{states.count(s)} {s}" for s in STATES.values() if s in states)
+    counts += f"; {n_retried} failed and retried" if n_retried else ""
     scored = (
         f"out of fold over {search.folds} folds" if search.folds else "at its best epoch, on its val split"
     )
@@ -136,6 +139,7 @@ def figures(study: optuna.Study, objective: str) -> dict[str, matplotlib.figure.
                 axes = function(study, **kwargs)
                 if name == "intermediate.png":  # Optuna's steps are this project's epochs
                     axes.set(xlabel="epoch", ylabel=objective)
+                    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
                 axes.figure.set_size_inches(8, 5)
                 result[name] = axes.figure
     return result
