@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+from importlib import resources
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -21,7 +22,19 @@ from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
 from coco_multilabel.sweeps.slurm import end_if_requeued
 from coco_multilabel.training.precision import device_precision, eval_precision_of
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
+
+def config_dir() -> str:
+    """The folder of the Hydra configs: the repository's ``conf/``, imported as the package
+    ``coco_multilabel.conf`` (a wheel carries it inside, an editable install maps it)."""
+    try:
+        return str(resources.files("coco_multilabel.conf"))
+    except (
+        ModuleNotFoundError
+    ):  # a clone run with PYTHONPATH=<clone>, not installed: conf/ beside the package
+        return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONFIG_DIR = config_dir()
 
 
 def run_dir_for(ckpt_path: str | None, default: str) -> str:
