@@ -19,7 +19,7 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_text_atomic
 from coco_multilabel.library_messages import quiet_library_messages
 from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
-from coco_multilabel.sweeps.slurm import end_if_requeued
+from coco_multilabel.sweeps.slurm import end_if_requeued, requeue_signal_delay
 from coco_multilabel.training.precision import device_precision, eval_precision_of
 
 
@@ -72,6 +72,7 @@ OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=Tru
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
 OmegaConf.register_new_resolver("device_precision", device_precision, replace=True)
 OmegaConf.register_new_resolver("eval_precision_of", eval_precision_of, replace=True)
+OmegaConf.register_new_resolver("requeue_signal_delay", requeue_signal_delay, replace=True)
 quiet_library_messages()  # every entry point imports this module
 
 
