@@ -126,8 +126,8 @@ gpu-check:  ## make gpu-check [ARGS=--smoke]: on a GPU machine, Python 3.12, ~10
 	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m coco_multilabel.bench.gpu_check $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check coco_multilabel hydra_plugins tests
-	$(VENV)/bin/ruff format --check coco_multilabel hydra_plugins tests
+	$(VENV)/bin/ruff check coco_multilabel hydra_plugins conf tests
+	$(VENV)/bin/ruff format --check coco_multilabel hydra_plugins conf tests
 
 clean:
 	rm -rf $(VENV) outputs/demo outputs/demo-data

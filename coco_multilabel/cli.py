@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+from importlib import resources
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -18,10 +19,22 @@ from coco_multilabel.errors import UserError
 from coco_multilabel.io import one_line, write_text_atomic
 from coco_multilabel.library_messages import quiet_library_messages
 from coco_multilabel.sweeps.devices import default_lock_dir, visible_devices
-from coco_multilabel.sweeps.slurm import end_if_requeued
+from coco_multilabel.sweeps.slurm import end_if_requeued, requeue_signal_delay
 from coco_multilabel.training.precision import device_precision, eval_precision_of
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: works installed too
+
+def config_dir() -> str:
+    """The folder of the Hydra configs: the repository's ``conf/``, imported as the package
+    ``coco_multilabel.conf`` (a wheel carries it inside, an editable install maps it)."""
+    try:
+        return str(resources.files("coco_multilabel.conf"))
+    except (
+        ModuleNotFoundError
+    ):  # a clone run with PYTHONPATH=<clone>, not installed: conf/ beside the package
+        return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONFIG_DIR = config_dir()
 
 
 def run_dir_for(ckpt_path: str | None, default: str) -> str:
@@ -59,6 +72,7 @@ OmegaConf.register_new_resolver("device_lock_dir", default_lock_dir, replace=Tru
 OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
 OmegaConf.register_new_resolver("device_precision", device_precision, replace=True)
 OmegaConf.register_new_resolver("eval_precision_of", eval_precision_of, replace=True)
+OmegaConf.register_new_resolver("requeue_signal_delay", requeue_signal_delay, replace=True)
 quiet_library_messages()  # every entry point imports this module
 
 

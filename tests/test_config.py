@@ -4,6 +4,10 @@ rather than in a user's hands."""
 
 from __future__ import annotations
 
+import os
+import site
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +118,18 @@ def test_the_other_entry_points_compose(config):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config, overrides=["ckpt_path=x"] if config == "submit" else ["labels=y"])
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_the_configs_are_the_repositorys_conf_in_a_clone_and_an_editable_install(tmp_path):
+    """Here (an editable install, or PYTHONPATH) the configs are the repository's conf/; and a clone
+    that is not installed finds them too: its dependencies importable but no finder of the project
+    (-S: site-packages' .pth files, the editable install's among them, are not run)."""
+    root = Path(__file__).resolve().parent.parent
+    assert CONF == root / "conf"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *site.getsitepackages()])}
+    clone = [sys.executable, "-S", "-m", "coco_multilabel.train", "--info", "searchpath"]
+    searchpath = subprocess.run(clone, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert f"file://{root / 'conf'} " in searchpath.stdout, searchpath.stdout + searchpath.stderr
 
 
 def test_a_resumed_run_continues_in_its_own_folder():

@@ -1,6 +1,7 @@
 """The wheel installs anywhere: built from the sources, installed apart from the source tree
-(without reinstalling torch), it trains, submits and evaluates from a folder of its own; and under
-Python 3.12, installed with its dependencies into a virtual environment of its own, it does the same."""
+(without reinstalling torch), it trains, submits and evaluates from a folder of its own, with the
+configs it carries (conf/, mapped into the package); and under Python 3.12, installed with its
+dependencies into a virtual environment of its own, it does the same."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,7 @@ def wheel(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for package in ("coco_multilabel", "hydra_plugins"):  # hydra_plugins: the Slurm launcher
+    for package in ("coco_multilabel", "hydra_plugins", "conf"):  # hydra_plugins: the Slurm launcher
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run([sys.executable, *PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
@@ -63,7 +65,11 @@ def trains_submits_and_evaluates(python: list[str], scripts: Path, site: Path, e
     and score the submission with the ``coco-evaluate`` console script."""
     where = run([*python, "-c", "import coco_multilabel; print(coco_multilabel.__file__)"], folder, env)
     assert Path(where.strip()).is_relative_to(site), f"imported from {where}, not the installed wheel"
-    assert (Path(where.strip()).parent / "conf" / "experiment" / "top_csra.yaml").is_file()
+    configs = run(
+        [*python, "-c", "from coco_multilabel.cli import CONFIG_DIR; print(CONFIG_DIR)"], folder, env
+    )
+    assert Path(configs.strip()) == Path(where.strip()).parent / "conf", "the configs are not the wheel's"
+    assert (Path(configs.strip()) / "experiment" / "top_csra.yaml").is_file()
 
     run([*python, "-m", "coco_multilabel.data.synthetic", "data", "--n-train", "48", "--n-test", "8",
          "--size", "48"], folder, env)  # fmt: skip
@@ -83,6 +89,19 @@ def test_the_wheel_carries_the_configs_and_trains_submits_and_evaluates_elsewher
     assert (site / "hydra_plugins" / "coco_multilabel_submitit" / "__init__.py").is_file()
     python = [sys.executable, "-P"]  # -P: the working directory is not on the path either
     trains_submits_and_evaluates(python, site / "bin", site, env, tmp_path)
+
+
+def test_pyproject_lists_every_package_of_the_sources():
+    """pyproject.toml lists the packages by hand (find cannot see conf/, mapped into the package):
+    a package of the sources left out of that list would be missing from the wheel alone."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for root in ("coco_multilabel", "hydra_plugins")
+        for init in (ROOT / root).rglob("__init__.py")
+    }
+    namespaces = {"hydra_plugins"}  # no __init__.py: Hydra's plugins of every distribution share it
+    assert set(setuptools["packages"]) == packages | namespaces | set(setuptools["package-dir"])
 
 
 def find_python(version: str) -> str | None:

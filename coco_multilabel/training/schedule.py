@@ -42,7 +42,7 @@ def phases_from_config(schedule, max_epochs: int | None = None) -> list[Phase]:
     """The phases of ``schedule`` (``{name: {epochs, train, inputs, lr_scale}}``), checked, with
     ``max_epochs`` spread over them in order; a UserError naming the key for anything malformed."""
     if not schedule:
-        raise UserError("schedule is empty: pick one with schedule=<name> (coco_multilabel/conf/schedule/)")
+        raise UserError("schedule is empty: pick one with schedule=<name> (conf/schedule/)")
     phases = []
     for name, spec in dict(schedule).items():
         spec = dict(spec or {})

@@ -1,4 +1,4 @@
-"""The launcher of ``hydra/launcher=slurm`` and ``slurm_ddp`` (coco_multilabel/conf/hydra/launcher/).
+"""The launcher of ``hydra/launcher=slurm`` and ``slurm_ddp`` (conf/hydra/launcher/).
 Hydra takes launchers only from the ``hydra_plugins`` package: the class is here, what it adds to
 Hydra's submitit launcher is in coco_multilabel/sweeps/slurm.py."""
 
