@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,3 +108,52 @@ class StallFirstAttempt(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch and int(os.environ.get("SLURM_RESTART_COUNT", 0)) == 0:
             time.sleep(self.seconds)
+
+
+class FitRecorder(L.Callback):
+    """Writes ``<out>`` (JSON) at the end of training: each epoch's phase and the digests of the
+    backbone's and the head's weights at its start and end; what the backbone's first forward of a
+    training step saw (input memory format, autocast and its dtype); batches and optimizer steps."""
+
+    def __init__(self, out: str):
+        self.out, self.epochs, self.forward, self.batches = Path(out), [], None, 0
+
+    @staticmethod
+    def _digest(module) -> str:
+        return hashlib.sha256(
+            b"".join(p.detach().cpu().float().numpy().tobytes() for p in module.parameters())
+        ).hexdigest()
+
+    def on_fit_start(self, trainer, pl_module):
+        self.epochs, self.forward, self.batches = [], None, 0
+
+        def look(module, args):
+            if module.training and self.forward is None:
+                (inputs,) = args[:1]
+                self.forward = {
+                    "channels_last": inputs.dim() == 4
+                    and inputs.is_contiguous(memory_format=torch.channels_last),
+                    "autocast": torch.is_autocast_enabled("cpu"),
+                    "autocast_dtype": str(torch.get_autocast_dtype("cpu")),
+                }
+
+        first_conv = next(m for m in pl_module.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_pre_hook(look)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append({"phase": pl_module.phase.name, "start": self._weights(pl_module)})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs[-1]["end"] = self._weights(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        record = {"epochs": self.epochs, "forward": self.forward, "batches": self.batches,
+                  "global_step": trainer.global_step}  # fmt: skip
+        previous = json.loads(self.out.read_text()) if self.out.is_file() else []
+        self.out.write_text(json.dumps([*previous, record]))  # one record a fit: a phase is a fit
+
+    def _weights(self, pl_module) -> dict:
+        return {"backbone": self._digest(pl_module.backbone), "head": self._digest(pl_module.head)}

@@ -2,6 +2,7 @@
 small network of every backbone config, each experiment runs, a transformer is refused with what
 works, and a backbone x learning-rate multirun runs the default recipe in every job."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,18 +27,38 @@ def test_the_default_recipe_trains_every_backbone(backbone, train_cfg, tmp_path)
     assert Path(summary["best_checkpoint"]).is_file() and len(cache_folders(tmp_path / "cache")) == 1
 
 
-@pytest.mark.parametrize("experiment", ["lp_ft", "plain", "linear_probe", "finetune"])
-def test_every_experiment_trains(experiment, train_cfg, tmp_path):
+# each experiment's phases, one epoch each here, and whether its backbone learns in each
+PHASES = {
+    "lp_ft": [("probe", False), ("finetune", True)],
+    "plain": [("finetune", True)],
+    "linear_probe": [("probe", False)],
+    "finetune": [("finetune", True)],
+}
+
+
+@pytest.mark.parametrize("experiment", list(PHASES))
+def test_every_experiment_trains_what_it_says(experiment, train_cfg, tmp_path):
+    """Every epoch trains its head; the backbone changes only in the phases that train it."""
+    record = tmp_path / "fit.json"
+    one_epoch_each = [f"schedule.{phase}.epochs=1" for phase, _ in PHASES[experiment]]
     summary = train(
         train_cfg(
             f"experiment={experiment}",
             "data.image_size=32",
             "data.batch_size=16",
-            "trainer.max_epochs=2",
+            *one_epoch_each,
+            "trainer.max_epochs=null",
             f"data.cache_dir={tmp_path / 'cache'}",
-        )
+            "+callbacks.fit._target_=tests.helpers.FitRecorder",
+            f"+callbacks.fit.out={record}",
+        )  # fmt: skip
     )
-    assert summary["epochs"] == 2
+    epochs = [epoch for fit in json.loads(record.read_text()) for epoch in fit["epochs"]]
+    assert summary["epochs"] == len(epochs) == len(PHASES[experiment])
+    for epoch, (phase, trains_backbone) in zip(epochs, PHASES[experiment], strict=True):
+        assert epoch["phase"] == phase
+        assert epoch["start"]["head"] != epoch["end"]["head"]
+        assert (epoch["start"]["backbone"] != epoch["end"]["backbone"]) == trains_backbone, phase
 
 
 def test_a_transformer_is_refused_by_the_default_recipe_and_trains_with_lp_ft(train_cfg, tmp_path):

@@ -243,10 +243,17 @@ def test_one_run_across_slurm_nodes_gets_its_ranks_from_slurm(tiny_root, tmp_pat
 
 
 def test_precision_accumulation_and_channels_last_train(train_cfg, tmp_path):
+    """bf16 autocast reaches the convolutions, their inputs are channels_last, and the optimizer
+    steps once every 2 batches (and once for a last, odd batch)."""
+    record = tmp_path / "fit.json"
     cfg = train_cfg("trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
-                    "model.channels_last=true")  # fmt: skip
+                    "model.channels_last=true", "+callbacks.fit._target_=tests.helpers.FitRecorder",
+                    f"+callbacks.fit.out={record}")  # fmt: skip
     summary = train(cfg)
     assert summary["epochs"] == 1 and 0 <= summary["best_score"] <= 1
+    (fit,) = json.loads(record.read_text())
+    assert fit["forward"] == {"channels_last": True, "autocast": True, "autocast_dtype": "torch.bfloat16"}
+    assert fit["batches"] >= 2 and fit["global_step"] == -(-fit["batches"] // 2)
     hparams = torch.load(summary["best_checkpoint"], weights_only=False)["hyper_parameters"]
     assert hparams["channels_last"] is True
 
