@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -173,30 +172,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield {**os.environ, "OMP_NUM_THREADS": "1"}
     torch.set_num_threads(threads)
-
-
-def test_training_killed_with_sigkill_resumes_to_the_uninterrupted_result(
-    tiny_root, train_cfg, tmp_path, one_thread
-):
-    run_dir = tmp_path / "killed"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    overrides = [*TINY, f"data.root={tiny_root}", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
-    overrides.append("keep_last_checkpoint=false")  # the default: a killed run keeps last.ckpt all the same
-    process = subprocess.Popen(
-        [sys.executable, "-m", "coco_multilabel.train", *overrides],
-        cwd=tmp_path, env=one_thread, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
-    assert torch.load(last, weights_only=False)["epoch"] < 3  # killed before the last epoch
-
-    resumed = train(train_cfg("trainer.max_epochs=4", f"ckpt_path={last}", run_dir=run_dir))
-    assert resumed["epochs"] == 4 and torch.load(last, weights_only=False)["epoch"] == 3
-    reference = train(train_cfg("trainer.max_epochs=4", run_dir=tmp_path / "reference"))
-    compared = ["best_score", *(key for key in reference if key.startswith("val/"))]
-    assert "val/loss" in compared
-    for key in compared:
-        assert resumed[key] == pytest.approx(reference[key], abs=1e-5), key

@@ -3,6 +3,7 @@ step in every phase), budgets over the whole run, resume in the phase where a ru
 options that would silently do nothing refused."""
 
 import json
+import signal
 import time
 
 import pytest
@@ -133,6 +134,8 @@ def test_the_budget_covers_the_whole_run_and_a_cut_epoch_says_so(train_cfg, tmp_
 
 
 def test_a_run_killed_in_its_second_phase_resumes_there_and_ends_as_an_unstopped_one(tiny_root, tmp_path):
+    """SIGKILL of the whole process group, as the OOM killer or a lost node would: the run resumes in
+    the phase and epoch it reached and ends with the uninterrupted run's scores to 1e-5."""
     args = [
         f"data.root={tiny_root}",
         "schedule=probe_finetune",
@@ -147,10 +150,12 @@ def test_a_run_killed_in_its_second_phase_resumes_there_and_ends_as_an_unstopped
         "+callbacks.kill._target_=tests.helpers.KillAtEpoch",
         "+callbacks.kill.epoch=3",
         f"+callbacks.kill.marker={tmp_path / 'killed'}",
+        "keep_last_checkpoint=false",  # the default: a killed run keeps its last.ckpt all the same
     ]
     first = cli(*args, *kill, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, new_session=True)
-    assert first.returncode != 0 and (tmp_path / "killed").exists()
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first.returncode == -signal.SIGKILL and (tmp_path / "killed").exists()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
     assert (saved["phase"]["name"], saved["epoch"]) == ("finetune", 2)  # one fine-tuning epoch done
     resumed = cli(*args, f"resume={tmp_path / 'run'}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -181,6 +186,12 @@ def test_ddp_ranks_hold_the_same_weights_after_every_epoch_of_both_phases(tiny_r
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert summary["status"] == "done" and summary["epochs"] == 4
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+    # the second process used the same folder (outputs/ holds the cache folder's labels index)
+    assert not (tmp_path / "outputs" / "train").exists()
     ranks = [
         [json.loads(line) for line in (tmp_path / "weights" / f"rank{r}.jsonl").read_text().splitlines()]
         for r in (0, 1)

@@ -177,20 +177,6 @@ def test_a_killed_run_resumed_by_its_folder_alone_ends_as_it_was_made(tiny_root,
     assert not (tmp_path / "outputs" / "train").exists()  # no new run folder
 
 
-def test_ddp_on_cpu_trains_a_run_in_two_processes(tiny_root, tmp_path):
-    run_dir = tmp_path / "run"
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
-    result = cli(f"data.root={tiny_root}", f"hydra.run.dir={run_dir}", *ddp, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MEMBER: 2/2" in result.stdout + result.stderr
-    summary = json.loads((run_dir / "result.json").read_text())
-    assert summary["status"] == "done" and summary["epochs"] == 1
-    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
-    # the second process used the same folder (outputs/ holds the cache folder's labels index)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == ["run"]
-    assert not (tmp_path / "outputs" / "train").exists()
-
-
 def test_a_multirun_job_refuses_ddp(train_cfg):
     check_one_device(train_cfg())
     with pytest.raises(UserError, match="one device"):
