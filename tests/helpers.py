@@ -85,7 +85,7 @@ class CacheRecorder(L.Callback):
             file.write(json.dumps(record) + "\n")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._append("predict", trainer, {"indices": batch[3].tolist()})
+        self._append("predict", trainer, {"indices": batch["indices"].tolist()})
 
     def on_train_start(self, trainer, pl_module):
         import numpy as np

@@ -74,7 +74,7 @@ def test_top_stages_train_while_the_trunk_stays_frozen():
     decay_free = {id(p) for g in optimizer.param_groups if not g["weight_decay"] for p in g["params"]}
     assert top_norms and all(id(p) in decay_free for m in top_norms for p in m.parameters())
     images, targets = torch.randn(4, 3, 64, 64), torch.randint(0, 2, (4, 80)).float()
-    model.criterion(model(images), targets).backward()
+    model.criterion(model(images=images), targets).backward()
     optimizer.step()
     after = (trunk[0], top[0], model.head.classifier.weight)
     assert torch.equal(before[0], after[0])
@@ -89,10 +89,10 @@ def test_logits_from_cached_trunk_maps_equal_those_from_images():
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         maps = model.trunk_features(images)
-        pairs = torch.stack([maps, model.trunk_features(images.flip(-1))], dim=1)  # as the cache serves val
-        assert maps.shape == (3, 192, 2, 2) and pairs.dim() == 5
-        assert torch.allclose(model(maps), model(images), atol=1e-5)
-        assert torch.allclose(model.probabilities(pairs), model.probabilities(images), atol=1e-5)
+        cached = {"features": maps, "mirror_features": model.trunk_features(images.flip(-1))}  # as val's
+        assert maps.shape == (3, 192, 2, 2)
+        assert torch.allclose(model(features=maps), model(images=images), atol=1e-5)
+        assert torch.allclose(model.probabilities(cached), model.probabilities({"images": images}), atol=1e-5)
     assert (model.trunk_cut()["top_stages"], model.trunk_cut()["spatial"]) == (1, True)
     pooled = lite0_model().trunk_cut()  # random weights: ImageNet statistics, in the cache's key too
     assert (pooled["top_stages"], pooled["spatial"], pooled["mean"][0]) == (0, False, 0.485)

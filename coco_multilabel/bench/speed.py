@@ -52,16 +52,17 @@ def build(cfg) -> tuple[MultiLabelClassifier, torch.optim.Optimizer]:
 
 
 def train_steps(model, batches, optimizer) -> float:
-    """Images per second of optimizer steps over ``batches`` ((x, y) or the DataModule's (x, y, kept))."""
+    """Images per second of optimizer steps over ``batches`` (the DataModule's, or ``{images, targets}``)."""
     model.train()
     start = time.perf_counter()
     count = 0
-    for x, y, *_ in batches:
-        loss = model.criterion(model(x), y)
+    for batch in batches:
+        inputs = {key: batch[key] for key in ("images", "features") if key in batch}
+        loss = model.criterion(model(**inputs), batch["targets"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        count += len(x)
+        count += len(batch["targets"])
     return count / (time.perf_counter() - start)
 
 
@@ -70,8 +71,8 @@ def model_step_rate(cfg, steps: int) -> float:
     model, optimizer = build(cfg)
     size, batch = cfg.data.image_size, cfg.data.batch_size
     x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 80) < 0.05).float()
-    train_steps(model, [(x, y)] * 2, optimizer)  # warm-up
-    return train_steps(model, [(x, y)] * steps, optimizer)
+    train_steps(model, [{"images": x, "targets": y}] * 2, optimizer)  # warm-up
+    return train_steps(model, [{"images": x, "targets": y}] * steps, optimizer)
 
 
 def compile_speedup(cfg, steps: int) -> tuple[float, float]:
@@ -86,9 +87,9 @@ def compile_speedup(cfg, steps: int) -> tuple[float, float]:
         start = time.perf_counter()
         if mode == "compiled":
             model.compile()
-        train_steps(model, [(x, y)] * 2, optimizer)  # warm-up; compiles
+        train_steps(model, [{"images": x, "targets": y}] * 2, optimizer)  # warm-up; compiles
         warmups[mode] = time.perf_counter() - start
-        rates[mode] = train_steps(model, [(x, y)] * steps, optimizer)
+        rates[mode] = train_steps(model, [{"images": x, "targets": y}] * steps, optimizer)
     return rates["compiled"] / rates["eager"], warmups["compiled"]
 
 
@@ -133,9 +134,9 @@ def inference_modes(cfg) -> list[dict]:
         model.hparams.channels_last = channels_last
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            model(x)
+            model(images=x)
             start = time.perf_counter()
-            probs = torch.cat([model(x).float().sigmoid() for _ in range(3)])
+            probs = torch.cat([model(images=x).float().sigmoid() for _ in range(3)])
         rate = 3 * len(x) / (time.perf_counter() - start)
         reference = probs if reference is None else reference
         rows.append(
@@ -164,11 +165,11 @@ def model_inference_rate(ckpt_path: str | Path, batch_size: int = 32, batches: i
     size = checkpoint_image_size(checkpoint)
     x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=model.device)
     with torch.no_grad():
-        model.probabilities(x)  # warm-up
+        model.probabilities({"images": x})  # warm-up
         _sync()
         start = time.perf_counter()
         for _ in range(batches):
-            model.probabilities(x)
+            model.probabilities({"images": x})
         _sync()
     return batches * batch_size / (time.perf_counter() - start)
 

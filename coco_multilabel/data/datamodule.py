@@ -179,9 +179,9 @@ class CocoDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Drop the ``kept`` mask of :func:`collate_skipping_bad`, counting what it left out."""
-        inputs, targets, kept, indices = batch
+        kept = batch.pop("kept")
         self.skipped_images += int((~kept).sum())
-        return inputs, targets, indices
+        return batch
 
     def _cached(self, part: str) -> CachedFeatures:
         features = getattr(self, f"{part}_features")

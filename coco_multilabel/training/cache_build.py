@@ -164,7 +164,7 @@ class CacheBuilder(L.LightningModule):
             self.writer = RowWriter(self.tmp, self.trainer.global_rank)
 
     def predict_step(self, batch, batch_idx):
-        images, _, _, indices = batch
+        images, indices = batch["images"], batch["indices"]
         features = self.model.trunk_features(images)  # at the model's eval precision, its own autocast
         flipped = self.model.trunk_features(images.flip(-1)) if self.request.flip else None
         self.writer.write(indices.cpu().numpy(), features, flipped)
