@@ -65,8 +65,6 @@ def train(cfg: DictConfig) -> dict:
     check_free_space(
         Path(cfg.run_dir), 3 * checkpoint_bytes(model), checkpoints, "hydra.run.dir=<other disk>"
     )
-    if any(phase.inputs == "cache" and phase.epochs for phase in phases):
-        datamodule.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
     callbacks = [
         *(instantiate(c) for c in cfg.callbacks.values() if c),
         budget,

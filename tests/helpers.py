@@ -90,7 +90,7 @@ class CacheRecorder(L.Callback):
     def on_train_start(self, trainer, pl_module):
         import numpy as np
 
-        features = trainer.datamodule.train_features
+        features = trainer.datamodule.features.train
         values = np.asarray(features.features)[features.rows]
         digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
         self._append("train", trainer, {"rows": features.rows.tolist(), "digest": digest})

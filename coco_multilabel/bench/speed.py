@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from coco_multilabel.bench.loader import loader_table
 from coco_multilabel.cli import CONFIG_DIR
@@ -26,6 +25,7 @@ from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.checkpoints import read_checkpoint
+from coco_multilabel.training.cache_build import build_here
 from coco_multilabel.training.schedule import phases_from_config
 
 PLAIN = "experiment=plain"  # throughput of plain fine-tuning (the default recipe starts frozen)
@@ -112,11 +112,8 @@ def frozen_epochs(cfg, cache_dir: Path) -> dict:
     train_steps(model, images.train_dataloader(), optimizer)
     on_the_fly = time.perf_counter() - start
     cached = datamodule(cfg, cache_dir=str(cache_dir))
-    backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
-    cached.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
-    cached.serve("cache")
     start = time.perf_counter()
-    cached.build_feature_cache_here()
+    cached.serve(build_here(model, cached))
     build_time = time.perf_counter() - start
     start = time.perf_counter()
     train_steps(model, cached.train_dataloader(), optimizer)

@@ -451,6 +451,15 @@ class CachedFeatures(Dataset):
         }
 
 
+@dataclass(frozen=True)
+class CachedSplit:
+    """A split's rows of a feature cache: what a datamodule serves instead of images
+    (``CocoDataModule.serve``); val's with their mirror image's, for flip TTA."""
+
+    train: CachedFeatures
+    val: CachedFeatures
+
+
 def whole_batch(batch):
     """The collate function of :class:`CachedFeatures`: its batches come whole from ``__getitems__``."""
     return batch
