@@ -11,7 +11,7 @@ from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train
-from coco_multilabel.training.schedule import Phase
+from coco_multilabel.training.schedule import Phase, top_stages_of
 
 LITE0 = {"_target_": "coco_multilabel.models.backbones.efficientnet_lite", "name": "efficientnet_lite0",
          "weights": None}  # fmt: skip
@@ -30,8 +30,17 @@ def test_cuts_the_model_cannot_make_are_refused_with_the_option_to_change():
         lite0_model(head="transformer")
     with pytest.raises(UserError, match="has 6 stages, so at most 5"):
         lite0_model(top_stages=6)
+
+
+def test_the_cut_is_taken_from_the_schedule_unless_given_and_then_must_agree_with_it():
+    probe = Phase("probe", epochs=1, train="head", inputs="cache")
+    assert top_stages_of(None, [probe, TOP]) == 1 and top_stages_of(None, [probe]) == 0
+    assert top_stages_of(2, [TOP]) == 2 and top_stages_of(0, [probe]) == 0
+    assert top_stages_of(None, [probe, Phase("top", epochs=0, train="top")]) == 0  # a phase that won't run
     with pytest.raises(UserError, match="schedule.top trains the top, but model.top_stages=0"):
-        lite0_model().set_phase(TOP)
+        top_stages_of(0, [TOP])
+    with pytest.raises(UserError, match="model.top_stages=1 only matters to a phase with train: top"):
+        top_stages_of(1, [probe])
 
 
 def test_csra_adds_lambda_times_each_class_highest_score_to_its_mean_score():

@@ -26,7 +26,7 @@ from coco_multilabel.io import write_text_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.training.cache_build import build_here
-from coco_multilabel.training.schedule import phases_from_config
+from coco_multilabel.training.schedule import phases_from_config, top_stages_of
 
 PLAIN = "experiment=plain"  # throughput of plain fine-tuning (the default recipe starts frozen)
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
@@ -44,10 +44,12 @@ def datamodule(cfg, **overrides) -> CocoDataModule:
 def build(cfg) -> tuple[MultiLabelClassifier, torch.optim.Optimizer]:
     """The recipe's model in its first phase, and that phase's optimizer (no schedule: it needs a
     Trainer, and steps are few here)."""
+    phases = phases_from_config(cfg.schedule)
     model = MultiLabelClassifier(
-        backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=None, loss=cfg.get("loss"), **cfg.model
-    )
-    model.set_phase(phases_from_config(cfg.schedule)[0])
+        backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=None, loss=cfg.get("loss"),
+        **{**cfg.model, "top_stages": top_stages_of(cfg.model.get("top_stages"), phases)},
+    )  # fmt: skip
+    model.set_phase(phases[0])
     return model, model.configure_optimizers()
 
 

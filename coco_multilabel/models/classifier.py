@@ -111,11 +111,7 @@ class MultiLabelClassifier(L.LightningModule):
     # --- what trains ------------------------------------------------------------------------------
 
     def set_phase(self, phase: Phase, index: int = 0) -> None:
-        if phase.train == "top" and not self.hparams.top_stages:
-            raise UserError(
-                f"schedule.{phase.name} trains the top, but model.top_stages=0: set model.top_stages=1 "
-                "(the last stage), or train: head"
-            )
+        """``phase`` trains from now on (``training/schedule.top_stages_of`` matched the cut to it)."""
         self.phase, self.phase_index = phase, index
         self.backbone.requires_grad_(phase.train == "all")
         for module in self._top_modules():
