@@ -42,7 +42,8 @@ class MultiLabelClassifier(L.LightningModule):
 
     What trains is the current :class:`Phase` (``set_phase``): the head, the backbone's
     ``top_stages`` top stages and the head, or everything. A frozen part stays in eval mode and its
-    output may come from the feature cache instead of images (``trunk_features`` makes it). ``head``
+    output may come from the feature cache instead of images (``trunk_features`` makes it): a batch
+    says which it holds by its keys, ``images`` or ``features`` (``data/datasets.py``). ``head``
     is ``linear`` (pooled features, dropout, linear) or ``csra`` (class-specific residual attention
     over the feature map, weight ``csra_lambda``). ``tta`` averages the probabilities of each image
     and its mirror image, in validation and in submit.
