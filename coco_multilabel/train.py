@@ -35,38 +35,38 @@ from coco_multilabel.sweeps.slurm import lightning_plugins
 from coco_multilabel.training.options import check_options
 from coco_multilabel.training.phases import fit_phases
 from coco_multilabel.training.precision import use_tensor_cores
-from coco_multilabel.training.schedule import phases_from_config
+from coco_multilabel.training.schedule import phases_from_config, top_stages_of
 
 
-def check_train(cfg: DictConfig) -> tuple[list, dict]:
+def check_train(cfg: DictConfig) -> tuple[list, dict, int]:
     """Everything that can refuse the run, before it writes anything (a refused resume of a finished
-    run must leave its result.json as it was); returns the phases and the backbone config."""
+    run must leave its result.json as it was); returns the phases, the backbone config and where
+    the backbone is cut (``model.top_stages``, or the schedule's)."""
     check_data_root(cfg.data.root)
     phases = phases_from_config(cfg.schedule, cfg.trainer.get("max_epochs"))
+    top_stages = top_stages_of(cfg.model.get("top_stages"), phases)
     check_options(cfg, phases)
     backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone_cfg = without_downloads(backbone_cfg) if cfg.offline else backbone_cfg
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, backbone_cfg, cfg.model.get("num_classes", NUM_CLASSES))
-    return phases, backbone_cfg
+    return phases, backbone_cfg, top_stages
 
 
 def train(cfg: DictConfig) -> dict:
     """Fit a model as ``cfg`` says; return the run's summary (best checkpoint, score, val metrics)."""
     budget = RunBudget(parse_duration(cfg.trainer.get("max_time")))  # the whole run, from now
     L.seed_everything(cfg.seed, workers=True)
-    phases, backbone_cfg = check_train(cfg)
+    phases, backbone_cfg, top_stages = check_train(cfg)
     datamodule = instantiate(cfg.data, split_file=str(Path(cfg.run_dir) / "split.json"), _convert_="all")
     model = MultiLabelClassifier(
         backbone=backbone_cfg, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), loss=cfg.get("loss"),
-        **cfg.model,
+        **{**cfg.model, "top_stages": top_stages},
     )  # fmt: skip
     checkpoints = "checkpoints (last, best and one being written)"  # the disk is known before any epoch
     check_free_space(
         Path(cfg.run_dir), 3 * checkpoint_bytes(model), checkpoints, "hydra.run.dir=<other disk>"
     )
-    if any(phase.inputs == "cache" and phase.epochs for phase in phases):
-        datamodule.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
     callbacks = [
         *(instantiate(c) for c in cfg.callbacks.values() if c),
         budget,

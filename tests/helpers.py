@@ -86,12 +86,12 @@ class CacheRecorder(L.Callback):
             file.write(json.dumps(record) + "\n")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._append("predict", trainer, {"indices": batch[3].tolist()})
+        self._append("predict", trainer, {"indices": batch["indices"].tolist()})
 
     def on_train_start(self, trainer, pl_module):
         import numpy as np
 
-        features = trainer.datamodule.train_features
+        features = trainer.datamodule.features.train
         values = np.asarray(features.features)[features.rows]
         digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
         self._append("train", trainer, {"rows": features.rows.tolist(), "digest": digest})

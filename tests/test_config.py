@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 from coco_multilabel.cli import CONFIG_DIR, run_dir_for
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.training.options import check_options
-from coco_multilabel.training.schedule import phases_from_config
+from coco_multilabel.training.schedule import phases_from_config, top_stages_of
 
 CONF = Path(CONFIG_DIR)
 GROUPS = (
@@ -72,10 +72,11 @@ def build(cfg) -> None:
     names: model (backbone, head, loss), optimizer, lr schedule, datamodule, callbacks, loggers and
     trainer."""
     offline(cfg)
-    check_options(cfg, phases_from_config(cfg.schedule, cfg.trainer.max_epochs))
+    phases = phases_from_config(cfg.schedule, cfg.trainer.max_epochs)
+    check_options(cfg, phases)
     model = MultiLabelClassifier(
         backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), loss=cfg.get("loss"),
-        **cfg.model,
+        **{**cfg.model, "top_stages": top_stages_of(cfg.model.top_stages, phases)},
     )  # fmt: skip
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     if cfg.get("scheduler"):

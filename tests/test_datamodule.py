@@ -36,7 +36,8 @@ def test_split_file_is_written_then_reused(tiny_root, tmp_path):
 def test_batches_have_images_and_multi_hot_targets(tiny_root):
     dm = CocoDataModule(root=str(tiny_root), image_size=32, batch_size=4, num_workers=0)
     dm.setup("fit")
-    images, targets, kept, _ = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    images, targets, kept = batch["images"], batch["targets"], batch["kept"]
     assert kept.tolist() == [True] * 4
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8  # the model normalises
     assert targets.shape == (4, 80) and set(targets.unique().tolist()) <= {0.0, 1.0}
@@ -46,7 +47,7 @@ def test_batches_have_images_and_multi_hot_targets(tiny_root):
 def test_labelled_dataset_matches_label_files(tiny_root):
     stem = labelled_stems(tiny_root)[0]
     classes = [int(line) for line in (tiny_root / "labels" / "train" / f"{stem}.cls").read_text().split()]
-    _, target, _ = CocoImages.labelled(tiny_root, [stem])[0]
+    target = CocoImages.labelled(tiny_root, [stem])[0]["targets"]
     assert torch.nonzero(target).flatten().tolist() == sorted(classes)
 
 

@@ -48,7 +48,7 @@ def test_cached_features_equal_fresh_ones_and_are_reused(images, tmp_path):
 
     transform = eval_transform(image_size=32)
     cache = build_or_load(tmp_path, images, extract, BACKBONE, transform, flip=True, batch_size=4)
-    batch = torch.stack([CocoImages(images, transform=transform)[i][0] for i in range(len(images))])
+    batch = torch.stack([CocoImages(images, transform=transform)[i]["images"] for i in range(len(images))])
     with torch.no_grad():
         fresh, flipped = extract(batch), extract(batch.flip(-1))
     assert cache.stems == [p.stem for p in images]
@@ -79,7 +79,7 @@ def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg,
     cache = FeatureCache.load(folder)
     features = torch.from_numpy(cache.features[:])
     with torch.no_grad():
-        probs = [model(features).sigmoid() for model in models]
+        probs = [model(features=features).sigmoid() for model in models]
     torch.testing.assert_close(probs[0], probs[1], atol=1e-4, rtol=0)
     assert torch.equal(probs[0] > 0.5, probs[1] > 0.5)
     assert on_the_fly["val/loss"] == pytest.approx(cached["val/loss"], abs=1e-5)
@@ -138,7 +138,7 @@ def test_ddp_builds_the_cache_once_across_ranks_and_every_rank_reads_the_same_ro
     model = load_model(tmp_path / "first" / "checkpoints" / "last.ckpt").eval()  # the trunk stayed frozen
     dataset = CocoImages([tiny_root / "images" / "train" / f"{s}.jpg" for s in cache.stems],
                          transform=eval_transform(image_size=32), min_side=32)  # fmt: skip
-    images = collate_skipping_bad([dataset[i] for i in range(len(dataset))])[0]
+    images = collate_skipping_bad([dataset[i] for i in range(len(dataset))])["images"]
     torch.testing.assert_close(
         torch.from_numpy(np.array(cache.features)), model.trunk_features(images), atol=1e-5, rtol=1e-4
     )
@@ -177,15 +177,20 @@ def test_whole_batches_equal_row_by_row_reads(tmp_path, in_memory, device):
     positions = [4, 0, 3, 1]  # unsorted, as a shuffled sampler draws them
     for kwargs, expected in (({}, values), ({"flip_prob": 1.0}, -values)):
         dataset = CachedFeatures(cache, stems, targets, device=device, **kwargs)
-        x, y, kept, index = dataset.__getitems__(positions)
+        batch = dataset.__getitems__(positions)
+        x, y = batch["features"], batch["targets"]
         rows = [dataset[i] for i in positions]
-        assert x.dtype == torch.float16 and torch.equal(x, torch.stack([r[0] for r in rows]))
-        assert torch.equal(y, torch.stack([r[1] for r in rows])) and index.tolist() == positions
-        assert kept.all() and torch.equal(x.float(), expected[[9, 7, 0, 2]].half().float())
+        assert x.dtype == torch.float16 and torch.equal(x, torch.stack([r["features"] for r in rows]))
+        assert torch.equal(y, torch.stack([r["targets"] for r in rows]))
+        assert batch["indices"].tolist() == positions and "mirror_features" not in batch
+        assert batch["kept"].all() and torch.equal(x.float(), expected[[9, 7, 0, 2]].half().float())
     pairs = CachedFeatures(cache, stems, targets, pairs=True, device=device)
-    x = pairs.__getitems__(positions)[0]
-    assert x.shape == (4, 2, 3, 2, 2) and torch.equal(x, torch.stack([pairs[i][0] for i in positions]))
-    assert torch.equal(x[:, 1], -x[:, 0])
+    batch = pairs.__getitems__(positions)
+    x, mirror = batch["features"], batch["mirror_features"]
+    assert x.shape == mirror.shape == (4, 3, 2, 2)
+    assert torch.equal(x, torch.stack([pairs[i]["features"] for i in positions]))
+    assert torch.equal(mirror, torch.stack([pairs[i]["mirror_features"] for i in positions]))
+    assert torch.equal(mirror, -x)
 
 
 def test_rows_of_unreadable_images_are_left_out(tmp_path):
@@ -196,7 +201,8 @@ def test_rows_of_unreadable_images_are_left_out(tmp_path):
     assert cache.present.tolist() == [True, True, False, True, True, True]
     dataset = CachedFeatures(cache, ["s1", "s2", "s3"], np.eye(3, 80, dtype=bool))
     assert len(dataset) == 2
-    x, y, _, _ = dataset.__getitems__([0, 1])
+    batch = dataset.__getitems__([0, 1])
+    x, y = batch["features"], batch["targets"]
     assert torch.equal(x.float(), values[[1, 3]].half().float()) and y[:, :3].argmax(1).tolist() == [0, 2]
 
 
@@ -326,3 +332,33 @@ def test_a_cache_over_the_jobs_memory_limit_is_memory_mapped(images, tmp_path, m
         feature_cache, "job_memory_available", lambda: cache.features.nbytes * 3
     )  # a tight cgroup
     assert isinstance(FeatureCache.load(folder).features, np.memmap)
+
+
+def test_a_three_channel_cached_map_is_taken_for_features_not_for_an_image(tmp_path, monkeypatch):
+    """The batch says what it holds: 3 x 2 x 2 maps, once taken for images by their shape, reach the
+    top and head as they are, their mirror image's with them; the trunk never runs."""
+    from coco_multilabel.data.feature_cache import CachedFeatures
+    from coco_multilabel.models import MultiLabelClassifier
+
+    folder, values = written_cache(tmp_path, n=4)
+    stems, targets = ["s0", "s1", "s2", "s3"], np.eye(4, 80, dtype=bool)
+    batch = CachedFeatures(FeatureCache.load(folder), stems, targets, pairs=True).__getitems__([0, 1, 2, 3])
+    lite0 = "coco_multilabel.models.backbones.efficientnet_lite"
+    backbone = {"_target_": lite0, "name": "efficientnet_lite0", "weights": None}
+    model = MultiLabelClassifier(backbone, {"_target_": "torch.optim.Adam", "_partial_": True}, tta=True)
+    seen = []
+
+    def top(maps, top_stages, spatial):
+        seen.append(maps)
+        return maps.float().mean((1, 2, 3))[:, None].expand(-1, model.backbone.num_features)
+
+    def trunk(*args):
+        raise AssertionError("cached features went through the trunk, as images")
+
+    monkeypatch.setattr(model.backbone, "top", top)
+    monkeypatch.setattr(model.backbone, "trunk", trunk)
+    with torch.no_grad():
+        probs = model.eval().validation_step(batch, 0)["probs"]
+    assert [tuple(m.shape) for m in seen] == [(4, 3, 2, 2)] * 2
+    assert torch.equal(seen[0], values.half().float()) and torch.equal(seen[1], -seen[0])
+    assert probs.shape == (4, 80)

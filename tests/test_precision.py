@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from coco_multilabel.callbacks import random_state
@@ -41,8 +41,8 @@ def images(n=2, size=64) -> torch.Tensor:
 def test_logits_are_float32_under_mixed_precision():
     net = model()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = net(images())
-        features = net(net.trunk_features(images()))  # from the cache too
+        logits = net(images=images())
+        features = net(features=net.trunk_features(images()))  # from the cache too
     assert logits.dtype == features.dtype == torch.float32
 
 
@@ -52,13 +52,13 @@ def test_eval_precision_decides_validation_whatever_the_trainer_runs():
     x = images()
     full = model()
     with torch.no_grad():
-        reference = full.probabilities(x)
+        reference = full.probabilities({"images": x})
         with torch.autocast("cpu", dtype=torch.bfloat16):  # what a bf16-mixed trainer wraps validation in
-            validated = full.validation_step((x, torch.zeros(2, 80)), 0)["probs"]
+            validated = full.validation_step({"images": x, "targets": torch.zeros(2, 80)}, 0)["probs"]
         assert torch.equal(validated, reference)
         half = model(eval_precision="bf16")
-        validated = half.validation_step((x, torch.zeros(2, 80)), 0)["probs"]
-        predicted = half.predict_step((x,), 0)
+        validated = half.validation_step({"images": x, "targets": torch.zeros(2, 80)}, 0)["probs"]
+        predicted = half.predict_step({"images": x}, 0)
     assert torch.equal(validated, predicted) and not torch.equal(validated, reference)
     assert (validated - reference).abs().max() < 0.05
 
@@ -91,7 +91,8 @@ def test_submit_evaluates_at_the_precision_validation_tuned_at(
     net = model(eval_precision=eval_precision)
     net.set_phase(Phase("probe", epochs=1, train="head"))
     recorder = AutocastRecorder(net)
-    val = DataLoader(TensorDataset(images(4, 48), torch.zeros(4, 80)), batch_size=2)
+    x = images(4, 48)
+    val = DataLoader([{"images": x[i], "targets": torch.zeros(80)} for i in range(4)], batch_size=2)
     L.Trainer(accelerator="cpu", precision=trainer_precision, **QUIET).validate(net, val)
     validation = set(recorder.seen)
     recorder.seen.clear()

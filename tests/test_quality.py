@@ -28,14 +28,17 @@ def test_tta_averages_the_image_and_its_mirror_image():
     model = tiny_model(tta=True)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        plain = model(images).sigmoid()
-        mirrored = model(images.flip(-1)).sigmoid()
+        plain = model(images=images).sigmoid()
+        mirrored = model(images=images.flip(-1)).sigmoid()
         assert not torch.allclose(plain, mirrored)
-        assert torch.allclose(model.probabilities(images), (plain + mirrored) / 2, atol=1e-6)
-        assert torch.allclose(model.probabilities(images, tta=False), plain)
-        features = torch.randn(2, 2, model.backbone.num_features)  # cached (image, mirror) features
-        pair = (model(features[:, 0]).sigmoid() + model(features[:, 1]).sigmoid()) / 2
-        assert torch.allclose(model.probabilities(features), pair, atol=1e-6)
+        batch = {"images": images}
+        assert torch.allclose(model.probabilities(batch), (plain + mirrored) / 2, atol=1e-6)
+        assert torch.allclose(model.probabilities(batch, tta=False), plain)
+        features, mirror = torch.randn(2, 2, model.backbone.num_features)  # cached, as val serves them
+        pair = (model(features=features).sigmoid() + model(features=mirror).sigmoid()) / 2
+        cached = {"features": features, "mirror_features": mirror}
+        assert torch.allclose(model.probabilities(cached), pair, atol=1e-6)
+        assert torch.allclose(model.probabilities({"features": features}), model(features=features).sigmoid())
 
 
 def test_submit_tta_changes_the_probabilities(train_cfg, tiny_root, tmp_path):
@@ -77,7 +80,7 @@ class Recorder(L.Callback):
         if batch_idx == 0:
             self.epochs.append({
                 "trainable": all(p.requires_grad for p in pl_module.backbone.parameters()),
-                "input_dims": batch[0].dim(),
+                "inputs": "images" if "images" in batch else "features",
                 "lrs": [g["lr"] for g in trainer.optimizers[0].param_groups],
                 "backbone": next(iter(pl_module.backbone.parameters())).detach().clone(),
             })  # fmt: skip
@@ -93,7 +96,7 @@ def test_lp_ft_unfreezes_in_its_second_phase_with_the_configured_lrs(train_cfg, 
     train(cfg)
     epochs = Recorder.epochs
     assert [e["trainable"] for e in epochs] == [False, False, True]
-    assert [e["input_dims"] for e in epochs] == [2, 2, 4]  # cached features, then images
+    assert [e["inputs"] for e in epochs] == ["features", "features", "images"]
     assert torch.equal(epochs[0]["backbone"], epochs[2]["backbone"])  # frozen while probing
     head_lr, _, backbone_lr, _ = epochs[2]["lrs"]  # each part: weights, then decay-free norms and biases
     assert backbone_lr == pytest.approx(0.1 * head_lr)

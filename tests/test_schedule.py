@@ -70,7 +70,7 @@ def test_resume_finds_the_phase_of_the_checkpoint_or_refuses_another_schedule():
             ["schedule=probe_finetune", "scheduler=onecycle", "trainer.max_epochs=null"],
             "lr_scale=0.05 would be lost",
         ),
-        (["schedule=top"], "schedule.top trains the top, but model.top_stages=0"),
+        (["schedule=top", "model.top_stages=0"], "schedule.top trains the top, but model.top_stages=0"),
         (["model.top_stages=1"], "model.top_stages=1 only matters to a phase with train: top"),
         (["thresholds.shrinkage=3"], "thresholds.shrinkage applies to per-class thresholds only"),
         (["data.cache_on_device=true"], "data.cache_on_device=true keeps the feature cache on the device"),

@@ -11,7 +11,7 @@ from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.models.heads import ClassSpecificResidualAttention
 from coco_multilabel.submit import submit
 from coco_multilabel.train import train
-from coco_multilabel.training.schedule import Phase
+from coco_multilabel.training.schedule import Phase, top_stages_of
 
 LITE0 = {"_target_": "coco_multilabel.models.backbones.efficientnet_lite", "name": "efficientnet_lite0",
          "weights": None}  # fmt: skip
@@ -30,8 +30,17 @@ def test_cuts_the_model_cannot_make_are_refused_with_the_option_to_change():
         lite0_model(head="transformer")
     with pytest.raises(UserError, match="has 6 stages, so at most 5"):
         lite0_model(top_stages=6)
+
+
+def test_the_cut_is_taken_from_the_schedule_unless_given_and_then_must_agree_with_it():
+    probe = Phase("probe", epochs=1, train="head", inputs="cache")
+    assert top_stages_of(None, [probe, TOP]) == 1 and top_stages_of(None, [probe]) == 0
+    assert top_stages_of(2, [TOP]) == 2 and top_stages_of(0, [probe]) == 0
+    assert top_stages_of(None, [probe, Phase("top", epochs=0, train="top")]) == 0  # a phase that won't run
     with pytest.raises(UserError, match="schedule.top trains the top, but model.top_stages=0"):
-        lite0_model().set_phase(TOP)
+        top_stages_of(0, [TOP])
+    with pytest.raises(UserError, match="model.top_stages=1 only matters to a phase with train: top"):
+        top_stages_of(1, [probe])
 
 
 def test_csra_adds_lambda_times_each_class_highest_score_to_its_mean_score():
@@ -74,7 +83,7 @@ def test_top_stages_train_while_the_trunk_stays_frozen():
     decay_free = {id(p) for g in optimizer.param_groups if not g["weight_decay"] for p in g["params"]}
     assert top_norms and all(id(p) in decay_free for m in top_norms for p in m.parameters())
     images, targets = torch.randn(4, 3, 64, 64), torch.randint(0, 2, (4, 80)).float()
-    model.criterion(model(images), targets).backward()
+    model.criterion(model(images=images), targets).backward()
     optimizer.step()
     after = (trunk[0], top[0], model.head.classifier.weight)
     assert torch.equal(before[0], after[0])
@@ -89,10 +98,10 @@ def test_logits_from_cached_trunk_maps_equal_those_from_images():
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         maps = model.trunk_features(images)
-        pairs = torch.stack([maps, model.trunk_features(images.flip(-1))], dim=1)  # as the cache serves val
-        assert maps.shape == (3, 192, 2, 2) and pairs.dim() == 5
-        assert torch.allclose(model(maps), model(images), atol=1e-5)
-        assert torch.allclose(model.probabilities(pairs), model.probabilities(images), atol=1e-5)
+        cached = {"features": maps, "mirror_features": model.trunk_features(images.flip(-1))}  # as val's
+        assert maps.shape == (3, 192, 2, 2)
+        assert torch.allclose(model(features=maps), model(images=images), atol=1e-5)
+        assert torch.allclose(model.probabilities(cached), model.probabilities({"images": images}), atol=1e-5)
     assert (model.trunk_cut()["top_stages"], model.trunk_cut()["spatial"]) == (1, True)
     pooled = lite0_model().trunk_cut()  # random weights: ImageNet statistics, in the cache's key too
     assert (pooled["top_stages"], pooled["spatial"], pooled["mean"][0]) == (0, False, 0.485)

@@ -125,7 +125,7 @@ class Rate(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= self.warmup:
-            self.images += len(batch[0])
+            self.images += len(batch["targets"])
 
     def on_train_epoch_end(self, trainer, pl_module):
         _sync()
@@ -165,8 +165,9 @@ def train_rates(root: Path, overrides: list[str], sizes: Sizes) -> tuple[float, 
             callbacks=[rate],
         )  # fmt: skip
         if source == "model":
-            x, y, *_ = next(iter(data.train_dataloader()))
-            loader = DataLoader(OneBatch((x, y), n), batch_size=None, pin_memory=sizes.accelerator == "gpu")
+            batch = next(iter(data.train_dataloader()))
+            one = {"images": batch["images"], "targets": batch["targets"]}
+            loader = DataLoader(OneBatch(one, n), batch_size=None, pin_memory=sizes.accelerator == "gpu")
             trainer.fit(model, train_dataloaders=loader)
         else:
             trainer.fit(model, datamodule=data)  # its own hooks: what training does

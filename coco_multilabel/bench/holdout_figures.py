@@ -50,10 +50,7 @@ class EachMember(SharedTrunk):
     """:class:`SharedTrunk`, every member's probabilities kept apart: B x members x C."""
 
     def predict_step(self, batch, batch_idx):
-        images, lead = batch[0], self.members[0]
-        features = lead.trunk_features(images)
-        if any(m.hparams.tta for m in self.members):
-            features = torch.stack([features, lead.trunk_features(images.flip(-1))], 1)
+        features = self.trunk_batch(batch)
         return torch.stack([m.probabilities(features) for m in self.members], 1)
 
 

@@ -156,7 +156,7 @@ class PhaseTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         """The epoch's training batches only: validation, which follows, is not counted."""
         self.times["epoch_s"] = time.perf_counter() - self.times["epoch_start"]
-        self.times["epoch_images"] = self.times.get("epoch_images", 0) + len(batch[0])
+        self.times["epoch_images"] = self.times.get("epoch_images", 0) + len(batch["targets"])
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._save()
@@ -191,7 +191,7 @@ def model_rates(overrides: list[str], repeats: int = 3) -> dict:
     for i in range(repeats + 1):
         if i == 1:
             start = time.perf_counter()
-        loss = model.criterion(model(features), targets)
+        loss = model.criterion(model(features=features), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

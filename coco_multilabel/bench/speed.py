@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from coco_multilabel.bench.loader import loader_table
 from coco_multilabel.cli import CONFIG_DIR
@@ -26,7 +25,8 @@ from coco_multilabel.data.datamodule import CocoDataModule
 from coco_multilabel.io import write_text_atomic
 from coco_multilabel.models import MultiLabelClassifier
 from coco_multilabel.models.checkpoints import read_checkpoint
-from coco_multilabel.training.schedule import phases_from_config
+from coco_multilabel.training.cache_build import build_here
+from coco_multilabel.training.schedule import phases_from_config, top_stages_of
 
 PLAIN = "experiment=plain"  # throughput of plain fine-tuning (the default recipe starts frozen)
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
@@ -44,24 +44,27 @@ def datamodule(cfg, **overrides) -> CocoDataModule:
 def build(cfg) -> tuple[MultiLabelClassifier, torch.optim.Optimizer]:
     """The recipe's model in its first phase, and that phase's optimizer (no schedule: it needs a
     Trainer, and steps are few here)."""
+    phases = phases_from_config(cfg.schedule)
     model = MultiLabelClassifier(
-        backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=None, loss=cfg.get("loss"), **cfg.model
-    )
-    model.set_phase(phases_from_config(cfg.schedule)[0])
+        backbone=cfg.backbone, optimizer=cfg.optimizer, scheduler=None, loss=cfg.get("loss"),
+        **{**cfg.model, "top_stages": top_stages_of(cfg.model.get("top_stages"), phases)},
+    )  # fmt: skip
+    model.set_phase(phases[0])
     return model, model.configure_optimizers()
 
 
 def train_steps(model, batches, optimizer) -> float:
-    """Images per second of optimizer steps over ``batches`` ((x, y) or the DataModule's (x, y, kept))."""
+    """Images per second of optimizer steps over ``batches`` (the DataModule's, or ``{images, targets}``)."""
     model.train()
     start = time.perf_counter()
     count = 0
-    for x, y, *_ in batches:
-        loss = model.criterion(model(x), y)
+    for batch in batches:
+        inputs = {key: batch[key] for key in ("images", "features") if key in batch}
+        loss = model.criterion(model(**inputs), batch["targets"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        count += len(x)
+        count += len(batch["targets"])
     return count / (time.perf_counter() - start)
 
 
@@ -70,8 +73,8 @@ def model_step_rate(cfg, steps: int) -> float:
     model, optimizer = build(cfg)
     size, batch = cfg.data.image_size, cfg.data.batch_size
     x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 80) < 0.05).float()
-    train_steps(model, [(x, y)] * 2, optimizer)  # warm-up
-    return train_steps(model, [(x, y)] * steps, optimizer)
+    train_steps(model, [{"images": x, "targets": y}] * 2, optimizer)  # warm-up
+    return train_steps(model, [{"images": x, "targets": y}] * steps, optimizer)
 
 
 def compile_speedup(cfg, steps: int) -> tuple[float, float]:
@@ -86,9 +89,9 @@ def compile_speedup(cfg, steps: int) -> tuple[float, float]:
         start = time.perf_counter()
         if mode == "compiled":
             model.compile()
-        train_steps(model, [(x, y)] * 2, optimizer)  # warm-up; compiles
+        train_steps(model, [{"images": x, "targets": y}] * 2, optimizer)  # warm-up; compiles
         warmups[mode] = time.perf_counter() - start
-        rates[mode] = train_steps(model, [(x, y)] * steps, optimizer)
+        rates[mode] = train_steps(model, [{"images": x, "targets": y}] * steps, optimizer)
     return rates["compiled"] / rates["eager"], warmups["compiled"]
 
 
@@ -111,11 +114,8 @@ def frozen_epochs(cfg, cache_dir: Path) -> dict:
     train_steps(model, images.train_dataloader(), optimizer)
     on_the_fly = time.perf_counter() - start
     cached = datamodule(cfg, cache_dir=str(cache_dir))
-    backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
-    cached.use_feature_cache(model.trunk_features, backbone_cfg, cut=model.trunk_cut())
-    cached.serve("cache")
     start = time.perf_counter()
-    cached.build_feature_cache_here()
+    cached.serve(build_here(model, cached))
     build_time = time.perf_counter() - start
     start = time.perf_counter()
     train_steps(model, cached.train_dataloader(), optimizer)
@@ -133,9 +133,9 @@ def inference_modes(cfg) -> list[dict]:
         model.hparams.channels_last = channels_last
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            model(x)
+            model(images=x)
             start = time.perf_counter()
-            probs = torch.cat([model(x).float().sigmoid() for _ in range(3)])
+            probs = torch.cat([model(images=x).float().sigmoid() for _ in range(3)])
         rate = 3 * len(x) / (time.perf_counter() - start)
         reference = probs if reference is None else reference
         rows.append(
@@ -164,11 +164,11 @@ def model_inference_rate(ckpt_path: str | Path, batch_size: int = 32, batches: i
     size = checkpoint_image_size(checkpoint)
     x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=model.device)
     with torch.no_grad():
-        model.probabilities(x)  # warm-up
+        model.probabilities({"images": x})  # warm-up
         _sync()
         start = time.perf_counter()
         for _ in range(batches):
-            model.probabilities(x)
+            model.probabilities({"images": x})
         _sync()
     return batches * batch_size / (time.perf_counter() - start)
 

@@ -82,16 +82,15 @@ class ValidationFigures(L.Callback):
                 hp["root"], split["val"][: self.examples], transform,
                 len(names), hp["image_size"],
             )  # fmt: skip
-            images, targets = (
-                torch.stack(x) for x in zip(*(dataset[i][:2] for i in range(len(dataset))), strict=True)
-            )
+            samples = [dataset[i] for i in range(len(dataset))]
+            images, targets = (torch.stack([s[key] for s in samples]) for key in ("images", "targets"))
         except UserError as err:  # an unreadable val image: the run goes on, without the grid
             log.warning("no example grid this epoch: %s", err)
             return None
         training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            probs = pl_module.probabilities(images.to(pl_module.device)).cpu()
+            probs = pl_module.probabilities({"images": images.to(pl_module.device)}).cpu()
         pl_module.train(training)
         predicted = decide(probs, pl_module.thresholds.cpu(), tuner.min_labels)
         pictures = [np.asarray(image.permute(1, 2, 0)) for image in images]  # uint8, as decoded

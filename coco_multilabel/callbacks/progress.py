@@ -85,7 +85,7 @@ class PredictProgress(L.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self.predicting is not None:  # rank 0's share, times the ranks
-            self.predicting.advance(len(batch[0]) * trainer.world_size)
+            self.predicting.advance(len(batch["indices"]) * trainer.world_size)
 
     def on_predict_end(self, trainer, pl_module):
         if self.predicting is not None:
@@ -133,7 +133,7 @@ class RunProgress(PredictProgress):
         self.within = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        images = len(batch[0]) * trainer.world_size
+        images = len(batch["targets"]) * trainer.world_size
         self.images += images
         batches = trainer.num_training_batches
         if self.within is None and trainer.is_global_zero and not is_terminal() and math.isfinite(batches):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -19,13 +18,7 @@ from coco_multilabel.data.datasets import (
     image_names,
     labelled_stems,
 )
-from coco_multilabel.data.feature_cache import (
-    CachedFeatures,
-    FeatureCache,
-    build_or_load,
-    cache_key,
-    whole_batch,
-)
+from coco_multilabel.data.feature_cache import CachedFeatures, CachedSplit, whole_batch
 from coco_multilabel.data.folds import load_or_make_fold_split
 from coco_multilabel.data.label_index import load_label_index
 from coco_multilabel.data.split import load_or_make_split
@@ -38,14 +31,11 @@ log = logging.getLogger(__name__)
 class CocoDataModule(L.LightningDataModule):
     """Labelled images split into train and val (submit reads the test images itself).
 
-    After ``use_feature_cache(extract, cfg)`` it can serve what a frozen backbone part makes of
-    each image, computed once (feature_cache.py), instead of the images: ``serve("cache")`` or
-    ``serve("images")`` before each phase's fit. The cache is built through the trainer, on its
-    devices, before the first phase that reads it (``training/cache_build.py``: it asks
-    ``cache_request()`` what to build and hands the result to ``attach_cache``);
-    ``build_feature_cache_here()`` builds it in this process instead. Cached val features come in
-    (image, mirror image) pairs, for flip test-time augmentation; in training the mirror image's
-    stands in for a flip.
+    ``serve(features)`` makes the next fit's dataloaders yield the feature cache's rows of the split
+    instead of the images (:class:`~coco_multilabel.data.feature_cache.CachedSplit`, built by the
+    trainer before the phase that reads it: ``training/cache_build.py``); ``serve(None)`` the images
+    again. Cached val rows come with their mirror image's, for flip test-time augmentation; in
+    training the mirror image's stand in for a flip.
     """
 
     def __init__(
@@ -77,11 +67,7 @@ class CocoDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["split_file"])
         self.split_file = Path(split_file) if split_file else None
         self.split: dict | None = None
-        self._extract = None
-        self._cache_cut: dict | None = None
-        self.train_features: CachedFeatures | None = None
-        self.val_features: CachedFeatures | None = None
-        self.inputs = "images"
+        self.features: CachedSplit | None = None  # served instead of the images when given
         # Counted here, in the main process: the workers that skip images cannot report to it.
         self.skipped_images = 0
 
@@ -93,16 +79,10 @@ class CocoDataModule(L.LightningDataModule):
             return self.hparams.num_workers
         return default_num_workers(processes_sharing_cores(self.trainer))
 
-    def use_feature_cache(self, extract, backbone_cfg: dict, cut: dict | None = None) -> None:
-        """Serve cached ``extract`` (a model's ``trunk_features``) outputs in phases with ``inputs:
-        cache``; ``cut`` says where in the backbone ``extract`` ends (see ``build_or_load``)."""
-        self._extract, self._backbone_cfg, self._cache_cut = extract, backbone_cfg, cut
-
-    def serve(self, inputs: str) -> None:
-        """``cache`` or ``images``: what the next fit's dataloaders yield."""
-        if inputs == "cache" and self._extract is None:
-            raise ValueError("serve('cache') needs use_feature_cache() first")
-        self.inputs = inputs
+    def serve(self, features: CachedSplit | None) -> None:
+        """What the next fit's dataloaders yield: ``features`` (the feature cache's rows of this
+        split), or the images when None."""
+        self.features = features
 
     def train_targets(self) -> torch.Tensor:
         """N x C multi-hot targets of the train split (for losses weighted by class frequency)."""
@@ -145,59 +125,19 @@ class CocoDataModule(L.LightningDataModule):
             root, self.split["val"], evaluate, hp.num_classes, hp.image_size, hp.on_bad_image, index, names
         )
 
-    def cache_request(self) -> CacheRequest:
-        """What the feature cache of this split must hold and where it is kept (after ``setup``)."""
-        hp = self.hparams
-        images = sorted(self.train_images.image_paths + self.val_images.image_paths, key=lambda p: p.stem)
-        transform = self.val_images.transform
-        key = cache_key(self._backbone_cfg, transform, images, hp.cache_flip, self._cache_cut, hp.image_size)
-        return CacheRequest(
-            folder=Path(hp.cache_dir) / key, images=images, transform=transform, flip=hp.cache_flip,
-            min_side=hp.image_size, batch_size=max(hp.batch_size, 64), num_workers=self.num_workers,
-            on_bad_image=hp.on_bad_image, backbone_cfg=self._backbone_cfg, cut=self._cache_cut,
-        )  # fmt: skip
-
-    def attach_cache(self, cache: FeatureCache, device=None) -> None:
-        """Serve ``cache``'s rows for the train and val split; on ``device`` with data.cache_on_device."""
-        hp = self.hparams
-        device = device if hp.cache_on_device else None
-        flip = hp.hflip_prob if hp.augment else 0.0
-        train, val = self.train_images, self.val_images
-        self.train_features = CachedFeatures(cache, train.stems, train.targets, flip, device=device)
-        self.val_features = CachedFeatures(cache, val.stems, val.targets, pairs=True, device=device)
-
-    def build_feature_cache_here(self) -> None:
-        """Build (or find) the cache in this process, with the extractor given to ``use_feature_cache``."""
-        self.setup("fit")
-        request = self.cache_request()
-        cache = build_or_load(
-            request.folder.parent, request.images, self._extract, self._backbone_cfg, request.transform,
-            flip=request.flip, batch_size=request.batch_size, num_workers=request.num_workers,
-            cut=self._cache_cut, on_bad_image=request.on_bad_image, min_side=request.min_side,
-        )  # fmt: skip
-        self.attach_cache(cache)
-
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Drop the ``kept`` mask of :func:`collate_skipping_bad`, counting what it left out."""
-        inputs, targets, kept, indices = batch
+        kept = batch.pop("kept")
         self.skipped_images += int((~kept).sum())
-        return inputs, targets, indices
-
-    def _cached(self, part: str) -> CachedFeatures:
-        features = getattr(self, f"{part}_features")
-        if features is None:
-            raise RuntimeError(
-                "the feature cache is not built yet: attach_cache() or build_feature_cache_here()"
-            )
-        return features
+        return batch
 
     def train_dataloader(self) -> DataLoader:
-        train_set = self._cached("train") if self.inputs == "cache" else self.train_images
+        train_set = self.features.train if self.features else self.train_images
         drop_last = len(train_set) > self.hparams.batch_size
         return self._loader(train_set, train=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._cached("val") if self.inputs == "cache" else self.val_images)
+        return self._loader(self.features.val if self.features else self.val_images)
 
     def _loader(self, dataset, train: bool = False, drop_last: bool = False) -> DataLoader:
         cached = isinstance(dataset, CachedFeatures)
@@ -214,26 +154,6 @@ class CocoDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available() and not (cached and dataset.device is not None),
             collate_fn=whole_batch if cached else collate_skipping_bad,
         )
-
-
-@dataclass(frozen=True)
-class CacheRequest:
-    """A feature cache to build or find: its folder, the images in their row order and how to read them."""
-
-    folder: Path
-    images: list[Path]
-    transform: object
-    flip: bool
-    min_side: int
-    batch_size: int
-    num_workers: int
-    on_bad_image: str
-    backbone_cfg: dict
-    cut: dict | None
-
-    @property
-    def stems(self) -> list[str]:
-        return [p.stem for p in self.images]
 
 
 def default_num_workers(processes: int = 1) -> int:

@@ -1,4 +1,10 @@
-"""Datasets over the challenge layout: ``images/<split>/<stem>.jpg`` and ``labels/train/<stem>.cls``."""
+"""Datasets over the challenge layout: ``images/<split>/<stem>.jpg`` and ``labels/train/<stem>.cls``.
+
+A batch says what it holds, by its keys: ``images`` (uint8, N x 3 x H x W), or ``features`` (what
+the feature cache keeps of them, ``data/feature_cache.py``) with, for flip TTA, ``mirror_features``
+(their mirror images'); ``targets`` (N x C multi-hot), ``indices`` (rows of the dataset) and
+``kept`` (which samples of the batch were readable). The model reads the keys, never the shapes.
+"""
 
 from __future__ import annotations
 
@@ -120,7 +126,8 @@ class CocoImages(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int):
-        """``(image, target, index)``: the index lets a DDP gather drop duplicates and keep order."""
+        """``{images, targets, indices}`` of one image: the index lets a DDP gather drop duplicates and
+        keep order."""
         try:
             image = decode_image(self.path(index), self.min_side)
         except UserError:
@@ -133,7 +140,7 @@ class CocoImages(Dataset):
         target = (
             torch.zeros(0) if self.targets is None else torch.from_numpy(self.targets[index].astype("f4"))
         )
-        return image, target, index
+        return {"images": image, "targets": target, "indices": index}
 
     @classmethod
     def labelled(
@@ -164,9 +171,9 @@ class CocoImages(Dataset):
         return cls(files, labels, transform, num_classes, min_side, on_bad_image, folder=image_dir)
 
 
-def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(images, targets, kept, indices)``: the readable samples, which positions of the batch they
-    were, and their dataset indices."""
+def collate_skipping_bad(samples: list) -> dict[str, torch.Tensor]:
+    """``{images, targets, indices, kept}``: the readable samples, their dataset indices, and which
+    positions of the batch they were."""
     kept = torch.tensor([sample is not None for sample in samples])
     good = [sample for sample in samples if sample is not None]
     if not good:
@@ -174,8 +181,7 @@ def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, tor
             f"all {len(samples)} images of a batch are unreadable; the data is badly damaged: "
             + CHECK_DATA_HINT
         )
-    images, targets, indices = default_collate(good)
-    return images, targets, kept, indices
+    return {**default_collate(good), "kept": kept}
 
 
 def labelled_stems(root: str | Path, label_stems=None, names: dict[str, str] | None = None) -> list[str]:

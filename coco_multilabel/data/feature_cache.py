@@ -349,14 +349,15 @@ def build_or_load(
             writer = None
             with torch.no_grad():
                 batches = track(
-                    loader, "building the feature cache", len(image_paths), count=lambda b: len(b[0])
+                    loader, "building the feature cache", len(image_paths), count=lambda b: len(b["indices"])
                 )
-                for images, _, _, indices in batches:
+                for batch in batches:
+                    images = batch["images"]
                     features = extract(images)
                     if writer is None:
                         create_arrays(tmp, len(image_paths), features, flip)
                         writer = RowWriter(tmp)
-                    writer.write(indices, features, extract(images.flip(-1)) if flip else None)
+                    writer.write(batch["indices"], features, extract(images.flip(-1)) if flip else None)
             writer.close()
             finish(tmp, folder, [p.stem for p in image_paths], 1, key_info(backbone_cfg, cut, transform))
         except BaseException:
@@ -371,14 +372,15 @@ def key_info(backbone_cfg: dict, cut: dict | None, transform) -> dict:
 
 
 class CachedFeatures(Dataset):
-    """``(features, targets, kept, indices)`` batches for ``stems`` of a cache, read whole: the
+    """``{features, targets, indices, kept}`` batches for ``stems`` of a cache, read whole: the
     DataLoader's batch of indices goes to ``__getitems__``, which reads the rows in one indexing of
     one contiguous array (in order, for a memory map's sake) and :func:`whole_batch` passes the batch
     on. Features stay as stored (float16 maps: the model casts them on its device). ``flip_prob``
-    serves the mirror image's rows that often, as a random flip would; ``pairs`` serves both
-    (N x 2 x ...) for flip test-time augmentation. With ``device`` the rows are copied there once
-    and batches are indexed there (``data.cache_on_device``). Rows the cache left out (unreadable
-    images) are left out here too. ``__getitem__`` reads one row, the same way."""
+    serves the mirror image's rows that often, as a random flip would; ``pairs`` serves them
+    beside the image's, as ``mirror_features``, for flip test-time augmentation. With ``device``
+    the rows are copied there once and batches are indexed there (``data.cache_on_device``). Rows
+    the cache left out (unreadable images) are left out here too. ``__getitem__`` reads one row,
+    the same way."""
 
     def __init__(
         self,
@@ -417,11 +419,11 @@ class CachedFeatures(Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         if self.pairs:
-            feature = _stack([self.features[row], self.flipped[row]])
-        else:
-            flipped = self.flip_prob and torch.rand(()) < self.flip_prob
-            feature = (self.flipped if flipped else self.features)[row]
-        return _tensor(feature), self.targets[i], i
+            return {"features": _tensor(self.features[row]), "mirror_features": _tensor(self.flipped[row]),
+                    "targets": self.targets[i], "indices": i}  # fmt: skip
+        flipped = self.flip_prob and torch.rand(()) < self.flip_prob
+        feature = (self.flipped if flipped else self.features)[row]
+        return {"features": _tensor(feature), "targets": self.targets[i], "indices": i}
 
     def __getitems__(self, positions: list[int]):
         positions = np.asarray(positions, dtype=np.int64)
@@ -430,19 +432,32 @@ class CachedFeatures(Dataset):
         index = torch.from_numpy(rows).to(self.device) if on_device else rows
         order = None if on_device else np.argsort(rows)
         read = (lambda a, r, o: a[r]) if on_device else _read
-        features = _tensor(read(self.features, index, order), fresh=True)
+        batch = {"features": _tensor(read(self.features, index, order), fresh=True)}
         if self.pairs:
-            features = torch.stack([features, _tensor(read(self.flipped, index, order), fresh=True)], 1)
+            batch["mirror_features"] = _tensor(read(self.flipped, index, order), fresh=True)
         elif self.flip_prob:
             flip = (torch.rand(len(rows)) < self.flip_prob).numpy()
             if flip.any():
                 sub = index[torch.from_numpy(flip).to(self.device)] if on_device else rows[flip]
+                features = batch["features"]
                 features[torch.from_numpy(flip).to(features.device)] = _tensor(
                     read(self.flipped, sub, None if on_device else np.argsort(sub)), fresh=True
                 )
-        targets = self.targets[torch.from_numpy(positions).to(self.targets.device)]
-        kept = torch.ones(len(rows), dtype=torch.bool)
-        return features, targets, kept, torch.from_numpy(positions)
+        return {
+            **batch,
+            "targets": self.targets[torch.from_numpy(positions).to(self.targets.device)],
+            "indices": torch.from_numpy(positions),
+            "kept": torch.ones(len(rows), dtype=torch.bool),
+        }
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    """A split's rows of a feature cache: what a datamodule serves instead of images
+    (``CocoDataModule.serve``); val's with their mirror image's, for flip TTA."""
+
+    train: CachedFeatures
+    val: CachedFeatures
 
 
 def whole_batch(batch):
@@ -463,10 +478,6 @@ def _tensor(x, fresh: bool = False) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     return torch.from_numpy(x if fresh else np.array(x))
-
-
-def _stack(parts) -> torch.Tensor:
-    return torch.stack([_tensor(p) for p in parts])
 
 
 def _file_identities(paths: list[Path]) -> list[list]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import lightning as L
 import torch
@@ -41,7 +42,8 @@ class MultiLabelClassifier(L.LightningModule):
 
     What trains is the current :class:`Phase` (``set_phase``): the head, the backbone's
     ``top_stages`` top stages and the head, or everything. A frozen part stays in eval mode and its
-    output may come from the feature cache instead of images (``trunk_features`` makes it). ``head``
+    output may come from the feature cache instead of images (``trunk_features`` makes it): a batch
+    says which it holds by its keys, ``images`` or ``features`` (``data/datasets.py``). ``head``
     is ``linear`` (pooled features, dropout, linear) or ``csra`` (class-specific residual attention
     over the feature map, weight ``csra_lambda``). ``tta`` averages the probabilities of each image
     and its mirror image, in validation and in submit.
@@ -110,11 +112,7 @@ class MultiLabelClassifier(L.LightningModule):
     # --- what trains ------------------------------------------------------------------------------
 
     def set_phase(self, phase: Phase, index: int = 0) -> None:
-        if phase.train == "top" and not self.hparams.top_stages:
-            raise UserError(
-                f"schedule.{phase.name} trains the top, but model.top_stages=0: set model.top_stages=1 "
-                "(the last stage), or train: head"
-            )
+        """``phase`` trains from now on (``training/schedule.top_stages_of`` matched the cut to it)."""
         self.phase, self.phase_index = phase, index
         self.backbone.requires_grad_(phase.train == "all")
         for module in self._top_modules():
@@ -158,16 +156,19 @@ class MultiLabelClassifier(L.LightningModule):
         x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
         return self._memory_format((x - self.mean) / self.std)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of images (N x 3 x H x W), or of what the feature cache keeps of them: the frozen
-        trunk's output (pooled features N x D, or feature maps N x C x h x w, often float16)."""
+    def forward(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None):
+        """Logits of ``images`` (N x 3 x H x W), or of ``features``, what the feature cache keeps of
+        them: the frozen trunk's output (pooled features N x D, or feature maps N x C x h x w, often
+        float16). Exactly one of the two."""
+        if (images is None) == (features is None):
+            raise ValueError("forward takes images or features, one of them")
         hp = self.hparams
-        if self._is_images(inputs):
+        if images is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.phase.train == "all"):
-                inputs = self.backbone.trunk(self.normalize(inputs), hp.top_stages, self.spatial)
+                features = self.backbone.trunk(self.normalize(images), hp.top_stages, self.spatial)
         else:
-            inputs = self._memory_format(inputs.to(self.head_dtype))
-        features = self.backbone.top(inputs, hp.top_stages, self.spatial)
+            features = self._memory_format(features.to(self.head_dtype))
+        features = self.backbone.top(features, hp.top_stages, self.spatial)
         with float32_head(features.device):
             return self.head(features.to(self.head_dtype))
 
@@ -204,62 +205,57 @@ class MultiLabelClassifier(L.LightningModule):
             cut["eval_precision"] = self.hparams.eval_precision
         return cut
 
-    @staticmethod
-    def _is_images(inputs: torch.Tensor) -> bool:
-        return inputs.dim() == 4 and inputs.shape[1] == 3
-
     def _memory_format(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last and inputs.dim() == 4:
             return inputs.contiguous(memory_format=torch.channels_last)
         return inputs
 
-    def probabilities(self, inputs: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
-        """Class probabilities in float32; with ``tta`` the mean over the image and its mirror image.
-
-        ``inputs`` are images, cached trunk outputs, or cached trunk outputs with their mirror
-        image's (N x 2 x ..., as the feature cache serves val).
-        """
-        plain, mirrored = self._views(inputs)
+    def probabilities(self, batch: Mapping, tta: bool | None = None) -> torch.Tensor:
+        """Class probabilities in float32 of a batch's ``images`` or ``features``; with ``tta`` the
+        mean over each image and its mirror image (flipped here, or the batch's ``mirror_features``,
+        as the feature cache serves val)."""
         with self.eval_autocast():
-            return self._average_mirror(self(plain).float().sigmoid(), mirrored, tta)
+            return self._average_mirror(self(**self._inputs(batch)).float().sigmoid(), batch, tta)
 
     @staticmethod
-    def _views(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the inputs, their mirror image's or None): cached pairs are split, images flipped."""
-        if inputs.dim() in (3, 5):  # pairs of pooled features or of feature maps
-            return inputs[:, 0], inputs[:, 1]
-        return inputs, inputs.flip(-1) if MultiLabelClassifier._is_images(inputs) else None
+    def _inputs(batch: Mapping, mirror: bool = False) -> dict | None:
+        """``forward``'s arguments for the batch's inputs or, with ``mirror``, their mirror image's
+        (images flipped here, cached ``mirror_features`` as served; None when the batch has none)."""
+        if "images" in batch:
+            return {"images": batch["images"].flip(-1) if mirror else batch["images"]}
+        key = "mirror_features" if mirror else "features"
+        return {"features": batch[key]} if key in batch else None
 
-    def _average_mirror(self, probs: torch.Tensor, mirrored: torch.Tensor | None, tta: bool | None = None):
-        if (self.hparams.tta if tta is None else tta) and mirrored is not None:
-            return (probs + self(mirrored).float().sigmoid()) / 2
+    def _average_mirror(self, probs: torch.Tensor, batch: Mapping, tta: bool | None = None):
+        if (self.hparams.tta if tta is None else tta) and (mirrored := self._inputs(batch, True)) is not None:
+            return (probs + self(**mirrored).float().sigmoid()) / 2
         return probs
 
     # --- steps ------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
-        inputs, targets = batch[:2]
-        logits = self(inputs)
+        targets = batch["targets"]
+        logits = self(**self._inputs(batch))
         loss = self.criterion(logits.float(), targets)
         self.train_metrics.update(logits.detach().float().sigmoid(), targets.long())
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(inputs))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        inputs, targets = batch[:2]
-        plain, mirrored = self._views(inputs)
+        targets = batch["targets"]
         with self.eval_autocast():
-            logits = self(plain).float()
-            probs = self._average_mirror(logits.sigmoid(), mirrored)
+            logits = self(**self._inputs(batch)).float()
+            probs = self._average_mirror(logits.sigmoid(), batch)
         loss = self.criterion(logits, targets)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(inputs))
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(targets))
         # the ThresholdTuner scores the epoch; the dataset indices (when the batch has them) let it
         # drop a DistributedSampler's padded duplicates and restore the dataset's order
-        return {"probs": probs, "targets": targets, **({"indices": batch[2]} if len(batch) > 2 else {})}
+        indices = {"indices": batch["indices"]} if "indices" in batch else {}
+        return {"probs": probs, "targets": targets, **indices}
 
     def predict_step(self, batch, batch_idx):
-        return self.probabilities(batch[0])
+        return self.probabilities(batch)
 
     def configure_optimizers(self):
         """The head at the optimizer's lr, the backbone's trained parts at the phase's ``lr_scale``

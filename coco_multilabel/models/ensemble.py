@@ -113,11 +113,17 @@ class SharedTrunk(L.LightningModule):
         super().__init__()
         self.members = nn.ModuleList(models)
 
-    def predict_step(self, batch, batch_idx):
-        images, lead = batch[0], self.members[0]
-        features = lead.trunk_features(images)
+    def trunk_batch(self, batch) -> dict:
+        """The members' input: the batch's images through the shared trunk (their mirror images'
+        too where a member averages them), as the feature cache serves val."""
+        images, lead = batch["images"], self.members[0]
+        features = {"features": lead.trunk_features(images)}
         if any(m.hparams.tta for m in self.members):
-            features = torch.stack([features, lead.trunk_features(images.flip(-1))], 1)
+            features["mirror_features"] = lead.trunk_features(images.flip(-1))
+        return features
+
+    def predict_step(self, batch, batch_idx):
+        features = self.trunk_batch(batch)
         return torch.stack([m.probabilities(features) for m in self.members]).mean(0)
 
 

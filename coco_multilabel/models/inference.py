@@ -67,4 +67,4 @@ class ReadableImages(L.Callback):
         self.masks: list[torch.Tensor] = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.masks.append(batch[2].cpu())
+        self.masks.append(batch["kept"].cpu())

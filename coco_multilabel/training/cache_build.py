@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -23,8 +24,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from coco_multilabel.data.checks import bad_headers
 from coco_multilabel.data.datasets import CocoImages, collate_skipping_bad
 from coco_multilabel.data.feature_cache import (
+    CachedFeatures,
+    CachedSplit,
     FeatureCache,
     RowWriter,
+    build_or_load,
+    cache_key,
     cache_lock,
     create_arrays,
     finish,
@@ -40,15 +45,73 @@ from coco_multilabel.training.precision import check_ranks_agree
 log = logging.getLogger(__name__)
 
 
-def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
-    """Find or build the feature cache of ``datamodule``'s split with ``model``'s frozen trunk, then
-    have the datamodule serve it. Every rank calls it; a single process that finds the cache skips
-    the trainer altogether."""
-    if datamodule.train_features is not None:
-        return
+@dataclass(frozen=True)
+class CacheRequest:
+    """A feature cache to build or find: its folder, the images in their row order and how to read them."""
+
+    folder: Path
+    images: list[Path]
+    transform: object
+    flip: bool
+    min_side: int
+    batch_size: int
+    num_workers: int
+    on_bad_image: str
+    backbone_cfg: dict
+    cut: dict | None
+
+    @property
+    def stems(self) -> list[str]:
+        return [p.stem for p in self.images]
+
+
+def cache_request(datamodule, model) -> CacheRequest:
+    """What the feature cache of ``datamodule``'s split (after ``setup``) must hold for ``model``'s
+    frozen trunk, and where it is kept."""
+    hp, backbone_cfg, cut = datamodule.hparams, model.hparams.backbone, model.trunk_cut()
+    train, val = datamodule.train_images, datamodule.val_images
+    images = sorted(train.image_paths + val.image_paths, key=lambda p: p.stem)
+    key = cache_key(backbone_cfg, val.transform, images, hp.cache_flip, cut, hp.image_size)
+    return CacheRequest(
+        folder=Path(hp.cache_dir) / key, images=images, transform=val.transform, flip=hp.cache_flip,
+        min_side=hp.image_size, batch_size=max(hp.batch_size, 64), num_workers=datamodule.num_workers,
+        on_bad_image=hp.on_bad_image, backbone_cfg=backbone_cfg, cut=cut,
+    )  # fmt: skip
+
+
+def cached_split(cache: FeatureCache, datamodule, device=None) -> CachedSplit:
+    """``cache``'s rows of ``datamodule``'s split, for it to serve: train's mirror image's served as
+    often as a flip would be, val's beside the image's; on ``device`` with data.cache_on_device."""
+    hp = datamodule.hparams
+    device = device if hp.cache_on_device else None
+    flip = hp.hflip_prob if hp.augment else 0.0
+    train, val = datamodule.train_images, datamodule.val_images
+    return CachedSplit(
+        CachedFeatures(cache, train.stems, train.targets, flip, device=device),
+        CachedFeatures(cache, val.stems, val.targets, pairs=True, device=device),
+    )
+
+
+def build_here(model, datamodule) -> CachedSplit:
+    """Find or build the cache in this process, without a trainer (``make bench``)."""
+    datamodule.setup("fit")
+    request = cache_request(datamodule, model)
+    cache = build_or_load(
+        request.folder.parent, request.images, model.trunk_features, request.backbone_cfg,
+        request.transform, flip=request.flip, batch_size=request.batch_size,
+        num_workers=request.num_workers, cut=request.cut, on_bad_image=request.on_bad_image,
+        min_side=request.min_side,
+    )  # fmt: skip
+    return cached_split(cache, datamodule)
+
+
+def build_feature_cache(trainer: L.Trainer, model, datamodule) -> CachedSplit:
+    """Find or build the feature cache of ``datamodule``'s split with ``model``'s frozen trunk; its
+    rows of the split, for the datamodule to serve. Every rank calls it; a single process that finds
+    the cache skips the trainer altogether."""
     datamodule.setup("fit")
     datamodule.trainer = trainer  # as fit will: its default workers split the cores among the ranks
-    request = datamodule.cache_request()
+    request = cache_request(datamodule, model)
     if trainer.world_size > 1 or not is_complete(request.folder):
         log.info(
             "feature cache of %d images (%s): finding or building it on %d %s device(s)",
@@ -70,7 +133,7 @@ def ensure_feature_cache(trainer: L.Trainer, model, datamodule) -> None:
     else:
         log.info("feature cache hit: %s", request.folder)
     cache = FeatureCache.load(request.folder, share=trainer.num_devices)
-    datamodule.attach_cache(cache, device=trainer.strategy.root_device)
+    return cached_split(cache, datamodule, device=trainer.strategy.root_device)
 
 
 def check_images(request) -> None:
@@ -164,7 +227,7 @@ class CacheBuilder(L.LightningModule):
             self.writer = RowWriter(self.tmp, self.trainer.global_rank)
 
     def predict_step(self, batch, batch_idx):
-        images, _, _, indices = batch
+        images, indices = batch["images"], batch["indices"]
         features = self.model.trunk_features(images)  # at the model's eval precision, its own autocast
         flipped = self.model.trunk_features(images.flip(-1)) if self.request.flip else None
         self.writer.write(indices.cpu().numpy(), features, flipped)

@@ -62,17 +62,6 @@ def check_options(cfg: DictConfig, phases: list[Phase]) -> None:
             f"lr_scale={scaled[0].lr_scale} would be lost: use scheduler=cosine (each phase warms up "
             "and decays on its own), or lr_scale: 1"
         )
-    top = [p for p in running if p.train == "top"]
-    if top and not cfg.model.top_stages:
-        raise UserError(
-            f"schedule.{top[0].name} trains the top, but model.top_stages=0: set model.top_stages=1 "
-            "(the last stage), or train: head"
-        )
-    if cfg.model.top_stages and not top:
-        raise UserError(
-            f"model.top_stages={cfg.model.top_stages} only matters to a phase with train: top, and this "
-            f"schedule ({names}) has none: drop it (model.top_stages=0), or pick schedule=top"
-        )
     thresholds, tuner_defaults = cfg.thresholds, _defaults(ThresholdTuner)
     if thresholds.mode == "global":
         for key in ("min_positives", "shrinkage"):

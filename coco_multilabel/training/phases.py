@@ -12,7 +12,7 @@ import lightning as L
 from coco_multilabel.callbacks.budget import RunBudget
 from coco_multilabel.models.checkpoints import read_checkpoint
 from coco_multilabel.progress import plural
-from coco_multilabel.training.cache_build import ensure_feature_cache
+from coco_multilabel.training.cache_build import build_feature_cache
 from coco_multilabel.training.schedule import INPUTS, TRAINS, Phase, phase_ends, resume_phase
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ def fit_phases(
     where it stopped (the first fit restores it, the later ones go on from there)."""
     start = resume_phase(read_checkpoint(ckpt_path).get("phase") if ckpt_path else None, phases, ckpt_path)
     ends = phase_ends(phases)
+    cached = None  # the feature cache's rows of the split, once a phase reads them
     for index in range(start, len(phases)):
         phase, resuming = phases[index], ckpt_path is not None and index == start
         if not phase.epochs and not resuming:
@@ -36,9 +37,9 @@ def fit_phases(
             INPUTS[phase.inputs].split(",")[0],
         )  # fmt: skip
         model.set_phase(phase, index)
-        if phase.inputs == "cache":  # built (or found) now, by the trainer, where the model runs
-            ensure_feature_cache(trainer, model, datamodule)
-        datamodule.serve(phase.inputs)
+        if phase.inputs == "cache" and cached is None:  # built (or found) now, by the trainer, where
+            cached = build_feature_cache(trainer, model, datamodule)  # the model runs: a step of its own
+        datamodule.serve(cached if phase.inputs == "cache" else None)
         trainer.fit_loop.max_epochs = ends[index]
         with expected_warnings(phase, continuing=index > start or resuming):
             trainer.fit(

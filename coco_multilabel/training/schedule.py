@@ -68,6 +68,26 @@ def phases_from_config(schedule, max_epochs: int | None = None) -> list[Phase]:
     return cap_epochs(phases, max_epochs)
 
 
+def top_stages_of(asked: int | None, phases: list[Phase]) -> int:
+    """``model.top_stages`` for a run of ``phases``: unset (null), from the schedule: the last stage
+    where a phase trains the top, else none; a number the schedule contradicts is refused."""
+    running = [p for p in phases if p.epochs]
+    top = [p for p in running if p.train == "top"]
+    if asked is None:
+        return 1 if top else 0
+    if top and not asked:
+        raise UserError(
+            f"schedule.{top[0].name} trains the top, but model.top_stages=0: set model.top_stages=1 "
+            "(the last stage) or leave it unset, or train: head"
+        )
+    if asked and not top:
+        raise UserError(
+            f"model.top_stages={asked} only matters to a phase with train: top, and this schedule "
+            f"({', '.join(p.name for p in running)}) has none: leave it unset, or pick schedule=top"
+        )
+    return asked
+
+
 def cap_epochs(phases: list[Phase], max_epochs: int | None) -> list[Phase]:
     """``max_epochs`` for the whole run: earlier phases keep theirs first."""
     if max_epochs is None or max_epochs < 0:
