@@ -87,3 +87,9 @@ def test_every_name_the_report_embeds_is_escaped(tmp_path):
     assert "<script>" not in page and "<img src=x" not in page and "<b>" not in page and "<i>" not in page
     assert "&lt;script&gt;" in page and "&lt;b&gt;other&lt;/b&gt;" in page
     assert 'href="../%3Cimg%20src%3Dx%20onerror%3D%22alert%281%29%22%3E/report/report.html"' in page
+
+
+def test_wall_time_reads_in_hours_minutes_and_seconds():
+    from coco_multilabel.reporting.report import duration
+
+    assert [duration(s) for s in (None, 12.4, 220.3, 3725)] == [None, "12 s", "3 min 40 s", "1 h 02 min"]

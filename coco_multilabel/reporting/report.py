@@ -147,7 +147,7 @@ def overview(run_dir: Path, result: dict) -> Section:
         "objective": result.get("objective"),
         "best score": result.get("best_score"),
         "best epoch": epoch_of_run(result),
-        "wall time (s)": result.get("wall_s"),  # every segment of a resumed run
+        "wall time": duration(result.get("wall_s")),  # every segment of a resumed run
         "resumed": ", ".join(f"after epoch {r['after_epoch']}" for r in result.get("resumes", [])),
         "best checkpoint": result.get("best_checkpoint"),
         "overrides": " ".join(result.get("overrides", [])),
@@ -156,6 +156,17 @@ def overview(run_dir: Path, result: dict) -> Section:
     if status == "running":
         body += note("the run is still going: this report shows it as far as it got")
     return Section("Overview", body)
+
+
+def duration(seconds: float | None) -> str | None:
+    """``1 h 02 min``, ``3 min 40 s``, ``12 s``: what a person reads at a glance."""
+    if seconds is None:
+        return None
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def epoch_of_run(result: dict) -> str | None:
