@@ -39,6 +39,7 @@ def staged(request):
     return FAMILIES[request.param]().eval()
 
 
+@pytest.mark.slow
 def test_pooled_features_are_the_source_networks_own(staged):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -46,6 +47,7 @@ def test_pooled_features_are_the_source_networks_own(staged):
     assert staged(images).shape == (2, staged.num_features)
 
 
+@pytest.mark.slow
 def test_every_cut_composes_back_to_the_whole_network(staged):
     images = torch.randn(2, 3, 64, 64)
     assert staged.chain and len(staged.stage_names) >= 3

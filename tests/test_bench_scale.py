@@ -10,6 +10,7 @@ TINY = ["backbone=mobilenet_v3_small", "backbone.weights=null", "data.image_size
         "data.num_workers=0", "data.val_fraction=0.25", "trainer.accelerator=cpu", "logger=csv"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bench_scale_smoke_run_makes_its_data_once_and_writes_the_table(tmp_path):
     data, out = tmp_path / "scale-data", tmp_path / "bench" / "scale.md"
     args = ["--images", "40", "--test-images", "6", "--size", "64x48", "--workers", "2", "--data", str(data),

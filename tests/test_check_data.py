@@ -140,6 +140,7 @@ def test_every_kind_has_a_severity():
     assert {severity for severity, _ in PROBLEMS.values()} == {"error", "warning", "info"}
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_without_a_traceback(broken_root):
     result = subprocess.run(
         [sys.executable, "-m", "coco_multilabel.check_data", str(broken_root)],

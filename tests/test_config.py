@@ -121,6 +121,7 @@ def test_the_other_entry_points_compose(config):
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
+@pytest.mark.slow
 def test_the_configs_are_the_repositorys_conf_in_a_clone_and_an_editable_install(tmp_path):
     """Here (an editable install, or PYTHONPATH) the configs are the repository's conf/; and a clone
     that is not installed finds them too: its dependencies importable but no finder of the project

@@ -26,6 +26,7 @@ def cv(*args: str, cwd, new_session: bool = False) -> subprocess.CompletedProces
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_killed_cv_resumes_its_unfinished_fold_and_its_oof_rows_come_from_held_out_models(
     tiny_root, tmp_path
 ):

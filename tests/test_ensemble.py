@@ -44,6 +44,7 @@ def runs(tiny_root, tmp_path_factory):
     return {"cv": cv_dir, "folds": folds, "sweep": sweep, "same": same, "other": other}
 
 
+@pytest.mark.slow
 def test_ensemble_probabilities_are_the_mean_of_the_members(runs, tiny_root):
     members = [read_member(p) for p in runs["folds"]]
     paths = list_images(tiny_root / "images" / "test")
@@ -57,6 +58,7 @@ def test_ensemble_probabilities_are_the_mean_of_the_members(runs, tiny_root):
     torch.testing.assert_close(mean, (each[0] + each[1]) / 2)
 
 
+@pytest.mark.slow
 def test_a_cv_folder_submits_its_folds_with_thresholds_tuned_out_of_fold(runs, tiny_root, tmp_path):
     assert member_paths(str(runs["cv"])) == runs["folds"]
     record = oof_table(runs["cv"])
@@ -74,6 +76,7 @@ def test_a_cv_folder_submits_its_folds_with_thresholds_tuned_out_of_fold(runs, t
     assert json.loads(listed.read_text()) == predictions
 
 
+@pytest.mark.slow
 def test_members_of_one_split_are_tuned_on_their_mean_val_probabilities(runs):
     members = [read_member(p) for p in runs["same"]]
     assert split_kind(members) == "split"
@@ -87,6 +90,7 @@ def test_members_of_one_split_are_tuned_on_their_mean_val_probabilities(runs):
     assert "val images that selected the members" in said and "not held out" in said
 
 
+@pytest.mark.slow
 def test_members_of_different_splits_are_refused(runs, tiny_root, tmp_path):
     for mix in ([runs["same"][0], runs["other"]], [runs["folds"][0], runs["same"][0]]):
         with pytest.raises(UserError, match="trained on different splits"):
@@ -94,6 +98,7 @@ def test_members_of_different_splits_are_refused(runs, tiny_root, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_two_folds_holding_the_same_images_are_refused():
     held = [read_member_like(0, ["a", "b"]), read_member_like(1, ["b", "c"])]
     with pytest.raises(UserError, match="image b is held out by two folds"):
@@ -106,6 +111,7 @@ def read_member_like(fold, stems):
     return HeldOut(fold, stems, torch.rand(len(stems), 80), torch.zeros(len(stems), 80), f"fold {fold}")
 
 
+@pytest.mark.slow
 def test_a_sweep_folder_gives_its_top_jobs_by_the_cross_fitted_objective(runs):
     results = [json.loads((runs["sweep"] / j / "result.json").read_text()) for j in ("0", "1")]
     best = max(results, key=lambda r: r["best_score"])
@@ -119,6 +125,7 @@ def test_a_sweep_folder_gives_its_top_jobs_by_the_cross_fitted_objective(runs):
         member_paths(str(runs["sweep"]), top=3)
 
 
+@pytest.mark.slow
 def test_predict_shows_what_the_ensemble_submits(runs, tiny_root, tmp_path):
     from coco_multilabel.predict import predict
 
@@ -129,6 +136,7 @@ def test_predict_shows_what_the_ensemble_submits(runs, tiny_root, tmp_path):
         assert sorted(e["class"] for e in r["labels"]) == submitted[Path(r["image"]).stem]
 
 
+@pytest.mark.slow
 def test_a_run_folder_names_its_best_checkpoint(runs):
     assert member_paths(str(runs["sweep"] / "0")) == [runs["sweep"] / "0" / "checkpoints" / "best.ckpt"]
 
@@ -146,6 +154,7 @@ def top_folds(tiny_root, tmp_path_factory):
     return [cv_dir / str(k) / "checkpoints" / "best.ckpt" for k in range(2)]
 
 
+@pytest.mark.slow
 def test_members_sharing_a_frozen_trunk_run_it_once(top_folds, runs, tiny_root, monkeypatch):
     members = [read_member(p) for p in top_folds]
     paths = list_images(tiny_root / "images" / "test")
@@ -171,6 +180,7 @@ def test_members_sharing_a_frozen_trunk_run_it_once(top_folds, runs, tiny_root, 
     assert shared_trunk_groups(mixed, models, image_size=48)[0] == [0, 1]
 
 
+@pytest.mark.slow
 def test_the_report_of_a_cv_folder_shows_its_out_of_fold_predictions(runs, tiny_root, tmp_path):
     record = oof_table(runs["cv"])
     path = report(runs["cv"], str(tiny_root), out=tmp_path / "report", progress=False)
@@ -181,6 +191,7 @@ def test_the_report_of_a_cv_folder_shows_its_out_of_fold_predictions(runs, tiny_
         assert (tmp_path / "report" / figure).stat().st_size > 1000, figure
 
 
+@pytest.mark.slow
 def test_the_report_of_an_ensemble_shows_its_members_and_their_mean_at_submits_thresholds(runs, tiny_root):
     members = [read_member(p) for p in runs["same"]]
     thresholds, tuning = ensemble_thresholds(members, split_kind(members))
@@ -199,6 +210,7 @@ def test_the_report_of_an_ensemble_shows_its_members_and_their_mean_at_submits_t
         report(f"{runs['same'][0]},{runs['other']}", str(tiny_root), progress=False)
 
 
+@pytest.mark.slow
 def test_submit_says_a_top_n_figure_was_measured_on_the_images_that_selected_it(
     runs, tiny_root, tmp_path, caplog
 ):

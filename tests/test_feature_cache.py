@@ -101,6 +101,7 @@ def test_reduced_size_decode_keeps_the_requested_size(tmp_path):
     assert load_rgb(path, min_side=300).size == (400, 300)
 
 
+@pytest.mark.slow
 def test_ddp_builds_the_cache_once_across_ranks_and_every_rank_reads_the_same_rows(tiny_root, tmp_path):
     import json
 

@@ -2,12 +2,14 @@
 
 from types import SimpleNamespace
 
+import pytest
 from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from coco_multilabel.callbacks.figures import TAGS, ValidationFigures
 
 
+@pytest.mark.slow
 def test_a_tiny_run_writes_every_figure_to_tensorboard(tensorboard_run):
     run_dir, _ = tensorboard_run  # its val batches are cached features: the grid reads the image files
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})

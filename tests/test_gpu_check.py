@@ -5,6 +5,7 @@ import pytest
 from coco_multilabel.bench.gpu_check import main
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_every_check_and_writes_the_table(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["--smoke", "--out", str(tmp_path / "bench"), "--work", str(tmp_path / "work")])

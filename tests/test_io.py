@@ -25,6 +25,7 @@ def run_killed(write: str) -> int:
     return subprocess.run([sys.executable, "-c", code], timeout=120).returncode
 
 
+@pytest.mark.slow
 def test_killed_text_write_leaves_the_old_file(tmp_path):
     target = tmp_path / "thresholds.json"
     write_text_atomic(target, '{"old": true}\n')
@@ -38,6 +39,7 @@ def test_killed_text_write_leaves_the_old_file(tmp_path):
     assert target.read_text() == '{"old": true}\n'
 
 
+@pytest.mark.slow
 def test_killed_checkpoint_save_leaves_the_old_checkpoint_and_the_next_save_cleans_up(tmp_path):
     target = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"epoch": 1, "w": torch.ones(3)}, target)

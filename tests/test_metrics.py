@@ -85,6 +85,7 @@ def test_paired_bootstrap_scores_each_resample_of_the_images_the_same_for_every_
     assert (boot[:, 1] >= boot[:, 0]).all()  # paired: the better one never loses on the same images
 
 
+@pytest.mark.slow
 def test_evaluate_compares_several_predictions_on_the_same_images(tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()

@@ -48,6 +48,7 @@ def overfit(tmp_path_factory):
     return ckpt, images, truth
 
 
+@pytest.mark.slow
 def test_predict_names_the_classes_of_the_images_it_was_trained_on(overfit, tmp_path):
     ckpt, images, truth = overfit
     folder = tmp_path / "photos"
@@ -72,6 +73,7 @@ def test_predict_names_the_classes_of_the_images_it_was_trained_on(overfit, tmp_
     assert nothing[0]["labels"] == [] and "(no class above its threshold)" in format_predictions(nothing)
 
 
+@pytest.mark.slow
 def test_cli_prints_json_for_scripts(overfit, capsys, caplog):
     ckpt, images, truth = overfit
     main([str(ckpt), str(images[0]), "--json"])
@@ -80,6 +82,7 @@ def test_cli_prints_json_for_scripts(overfit, capsys, caplog):
     assert "no tuned thresholds" in caplog.text  # trained without the ThresholdTuner: 0.5, and said so
 
 
+@pytest.mark.slow
 def test_clear_errors_for_missing_or_unreadable_files_and_bad_checkpoints(overfit, tmp_path):
     ckpt, images, _ = overfit
     with pytest.raises(UserError, match="does not exist; give an image file or a folder"):
@@ -101,6 +104,7 @@ def test_clear_errors_for_missing_or_unreadable_files_and_bad_checkpoints(overfi
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / ".venv" / ".installed").is_file(), reason="make install has not run here")
 def test_make_predict_json_prints_only_the_json(overfit):
     """``make predict ... ARGS=--json | python -m json.tool``: make must not echo into stdout."""

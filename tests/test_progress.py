@@ -164,6 +164,7 @@ def test_in_a_terminal_the_epoch_lines_go_to_train_log_only(tiny_root, tmp_path)
     assert "best epoch" in shown.decode(errors="replace")  # while the run's output came through
 
 
+@pytest.mark.slow
 def test_submit_and_check_data_print_lines_when_their_output_goes_to_a_file(
     tiny_root, monkeypatch, caplog, capsys
 ):

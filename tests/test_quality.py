@@ -86,6 +86,7 @@ class Recorder(L.Callback):
             })  # fmt: skip
 
 
+@pytest.mark.slow
 def test_lp_ft_unfreezes_in_its_second_phase_with_the_configured_lrs(train_cfg, tmp_path):
     cfg = train_cfg(
         "schedule=probe_finetune", f"data.cache_dir={tmp_path / 'cache'}", "schedule.probe.epochs=2",

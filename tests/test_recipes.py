@@ -17,6 +17,7 @@ BACKBONES = sorted(p.stem for p in (Path(CONFIG_DIR) / "backbone").glob("*.yaml"
 DEFAULT = ["experiment=top_csra", "offline=true", "data.image_size=64", "trainer.max_epochs=1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_the_default_recipe_trains_every_backbone(backbone, train_cfg, tmp_path):
     extra = ["backbone.name=resnet10t"] if backbone == "timm" else []  # backbone=timm's default is resnet18
@@ -36,6 +37,7 @@ PHASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", list(PHASES))
 def test_every_experiment_trains_what_it_says(experiment, train_cfg, tmp_path):
     """Every epoch trains its head; the backbone changes only in the phases that train it."""

@@ -74,6 +74,7 @@ entry.main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_an_unexpected_error_is_one_line_and_a_log_with_the_traceback(entry, tmp_path):
     module, name, args = ENTRY_POINTS[entry]

@@ -12,6 +12,7 @@ from coco_multilabel.reporting.report import read_scalars, report
 RUN_FIGURES = ("learning_curves", "per_class", "thresholds", "pr_curves", "worst_classes", "class_frequency")
 
 
+@pytest.mark.slow
 def test_report_of_a_run_embeds_every_figure_and_the_config(tensorboard_run, tmp_path, capsys):
     run_dir, _ = tensorboard_run
     main([str(run_dir), "--out", str(tmp_path / "report")])
@@ -30,6 +31,7 @@ def test_report_of_a_run_embeds_every_figure_and_the_config(tensorboard_run, tmp
     assert [epoch for epoch, _ in series["lr-AdamW/head"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_run_without_best_checkpoint_or_data_is_reported_with_notes(tensorboard_run, tmp_path):
     run_dir, _ = tensorboard_run
     running = tmp_path / "running"
@@ -56,6 +58,7 @@ def test_a_run_without_best_checkpoint_or_data_is_reported_with_notes(tensorboar
         report(tmp_path / "running" / "csv")
 
 
+@pytest.mark.slow
 def test_report_of_a_sweep_compares_its_jobs(tensorboard_run, tmp_path):
     run_dir, summary = tensorboard_run
     sweep = tmp_path / "sweep"

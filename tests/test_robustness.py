@@ -63,6 +63,7 @@ def test_a_damaged_image_in_a_worker_process_still_reads_as_one_line(damaged_roo
     assert "Traceback" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_skipped_images_are_counted_at_each_epoch_end(damaged_root, train_cfg, caplog):
     root, _, _ = damaged_root
     with caplog.at_level(logging.WARNING, logger="coco_multilabel"):
@@ -76,6 +77,7 @@ def test_skipped_images_are_counted_at_each_epoch_end(damaged_root, train_cfg, c
     assert "make check-data" in skipped[0]
 
 
+@pytest.mark.slow
 def test_submit_with_skip_still_writes_every_test_stem(damaged_root, checkpoint, tmp_path):
     root, _, test_stem = damaged_root
     with pytest.raises(UserError, match=rf"{test_stem}\.jpg"):
@@ -93,6 +95,7 @@ def test_submit_with_skip_still_writes_every_test_stem(damaged_root, checkpoint,
     assert all(len(v) >= 1 for v in predictions.values())
 
 
+@pytest.mark.slow
 def test_unreadable_and_truncated_checkpoints_say_so(checkpoint, tiny_root, tmp_path):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     data = open(checkpoint, "rb").read()
@@ -105,6 +108,7 @@ def test_unreadable_and_truncated_checkpoints_say_so(checkpoint, tiny_root, tmp_
         submit(str(tmp_path / "other.ckpt"), str(tiny_root), str(tmp_path / "out.json"), **SUBMIT)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_another_class_count_is_refused(checkpoint, tiny_root, train_cfg, tmp_path):
     saved = torch.load(checkpoint, weights_only=False)
     saved["hyper_parameters"]["num_classes"] = 20
@@ -115,6 +119,7 @@ def test_a_checkpoint_with_another_class_count_is_refused(checkpoint, tiny_root,
         train(train_cfg(f"ckpt_path={tmp_path / 'twenty.ckpt'}"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_an_unknown_backbone_names_it(checkpoint, tiny_root, tmp_path):
     saved = torch.load(checkpoint, weights_only=False)
     saved["hyper_parameters"]["backbone"]["name"] = "mobilenet_v9"
@@ -135,6 +140,7 @@ def test_a_hand_edited_split_file_says_how_to_recover(tiny_root, tmp_path):
             datamodule.setup("fit")
 
 
+@pytest.mark.slow
 def test_a_wrong_data_root_for_submit_names_the_test_folder(checkpoint, tmp_path):
     with pytest.raises(UserError, match=rf"{tmp_path}/images/test is not a folder"):
         submit(checkpoint, str(tmp_path), str(tmp_path / "out.json"), **SUBMIT)
@@ -153,6 +159,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_submit_killed_while_writing_leaves_no_partial_json(checkpoint, tiny_root, tmp_path):
     output = tmp_path / "submission.json"
     code = textwrap.dedent(KILLED_SUBMIT).format(ckpt=checkpoint, root=tiny_root, output=output)

@@ -94,6 +94,7 @@ def test_crafted_checkpoints_are_refused_everywhere_and_nothing_runs(
     assert not (tmp_path / "sub.json").exists()
 
 
+@pytest.mark.slow
 def test_a_crafted_checkpoint_is_one_line_from_the_command_line(finished_run, tiny_root, tmp_path):
     good, _ = finished_run
     marker = tmp_path / "marker"

@@ -90,6 +90,7 @@ def test_debug_is_one_short_epoch_whatever_the_recipe():
             assert sum(p.epochs for p in phases) == 1 and cfg.trainer.limit_train_batches == 4
 
 
+@pytest.mark.slow
 def test_two_phases_are_two_fits_on_one_run(train_cfg, tmp_path):
     summary = train(
         train_cfg(
@@ -133,6 +134,7 @@ def test_the_budget_covers_the_whole_run_and_a_cut_epoch_says_so(train_cfg, tmp_
     assert 54 < budget.elapsed() < 56 and not budget.exhausted()
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_its_second_phase_resumes_there_and_ends_as_an_unstopped_one(tiny_root, tmp_path):
     """SIGKILL of the whole process group, as the OOM killer or a lost node would: the run resumes in
     the phase and epoch it reached and ends with the uninterrupted run's scores to 1e-5."""

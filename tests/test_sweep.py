@@ -33,6 +33,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow
 def test_multirun_runs_jobs_side_by_side_on_distinct_devices_and_writes_a_sorted_summary(tiny_root, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli(f"data.root={tiny_root}", f"hydra.sweep.dir={sweep}", "device_pool.ids=[0,1]",
@@ -228,6 +229,7 @@ def test_one_run_across_slurm_nodes_gets_its_ranks_from_slurm(tiny_root, tmp_pat
     environment.validate_settings(num_devices=2, num_nodes=2)  # what launch checks: tasks per node = GPUs
 
 
+@pytest.mark.slow
 def test_precision_accumulation_and_channels_last_train(train_cfg, tmp_path):
     """bf16 autocast reaches the convolutions, their inputs are channels_last, and the optimizer
     steps once every 2 batches (and once for a last, odd batch)."""
@@ -254,6 +256,7 @@ def test_a_failing_run_is_recorded_as_failed(tmp_path, train_cfg):
     assert result["status"] == "failed" and result["error"] == "RuntimeError: out of memory"
 
 
+@pytest.mark.slow
 def test_a_sweep_dir_holding_another_sweep_is_refused(tiny_root, tmp_path):
     sweep = tmp_path / "sweep"
     (sweep / "0").mkdir(parents=True)

@@ -109,6 +109,7 @@ def test_logits_from_cached_trunk_maps_equal_those_from_images():
     assert model.trunk_cut()["mean"] == [0.5] * 3
 
 
+@pytest.mark.slow
 def test_train_on_cached_trunk_maps_then_submit_from_images(train_cfg, tiny_root, tmp_path):
     cfg = train_cfg(
         "backbone=efficientnet_lite0", "backbone.weights=null", "data.image_size=64",

@@ -28,6 +28,7 @@ def trained(tiny_root, tmp_path_factory):
     return run_dir, train(cfg)
 
 
+@pytest.mark.slow
 def test_training_writes_best_and_last_checkpoints_and_the_split(trained):
     run_dir, summary = trained
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
@@ -42,6 +43,7 @@ def test_training_writes_best_and_last_checkpoints_and_the_split(trained):
     assert {"train/macro_f1", "train/map"} <= summary_keys_logged(run_dir)
 
 
+@pytest.mark.slow
 def test_the_run_says_at_which_precision_it_computed(trained):
     """On a CPU the default is float32 throughout; the checkpoint keeps it for submit."""
     run_dir, summary = trained
@@ -60,6 +62,7 @@ def summary_keys_logged(run_dir):
     return set(header.split(","))
 
 
+@pytest.mark.slow
 def test_checkpoint_and_thresholds_json_carry_the_tuned_thresholds(trained):
     run_dir, summary = trained
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
@@ -76,6 +79,7 @@ def test_checkpoint_and_thresholds_json_carry_the_tuned_thresholds(trained):
     )
 
 
+@pytest.mark.slow
 def test_per_class_mode_logs_both_kinds_of_threshold(train_cfg):
     summary = train(train_cfg("thresholds.mode=per_class", "thresholds.min_positives=1"))
     for name in ("macro_f1_tuned", "macro_f1_xfit", "macro_f1_tuned_global", "macro_f1_xfit_global"):
@@ -84,6 +88,7 @@ def test_per_class_mode_logs_both_kinds_of_threshold(train_cfg):
     assert tuned["mode"] == "per_class" and len(tuned["thresholds"]) == 80
 
 
+@pytest.mark.slow
 def test_resume_continues_the_epoch_count(trained, train_cfg, tmp_path):
     run_dir, _ = trained
     import shutil
@@ -128,6 +133,7 @@ def test_an_unfinished_run_keeps_last_ckpt(tmp_path):
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_another_backbone_is_refused(trained, train_cfg):
     run_dir, _ = trained
     cfg = train_cfg(
@@ -137,6 +143,7 @@ def test_resume_with_another_backbone_is_refused(trained, train_cfg):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_submit_covers_every_test_image_and_obeys_the_threshold(trained, tiny_root, tmp_path):
     run_dir, _ = trained
     ckpt = str(run_dir / "checkpoints" / "best.ckpt")
@@ -159,6 +166,7 @@ def test_submit_covers_every_test_image_and_obeys_the_threshold(trained, tiny_ro
     assert all(len(v) == 1 for v in top1.values())  # min_labels=1 keeps the most likely class
 
 
+@pytest.mark.slow
 def test_thresholds_survive_save_and_load_and_drive_submit(trained, tiny_root, tmp_path, caplog):
     run_dir, _ = trained
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
@@ -176,6 +184,7 @@ def test_thresholds_survive_save_and_load_and_drive_submit(trained, tiny_root, t
     assert json.loads(fallback.read_text()) != json.loads(written.read_text())
 
 
+@pytest.mark.slow
 def test_val_probabilities_can_be_retuned_offline(trained, tiny_root, tmp_path):
     run_dir, _ = trained
     common = dict(num_workers=0, accelerator="cpu", progress_bar=False)
@@ -192,6 +201,7 @@ def test_val_probabilities_can_be_retuned_offline(trained, tiny_root, tmp_path):
     assert 0 <= scores["map"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_labels", [0, 1])
 def test_submit_applies_the_rule_stored_with_the_thresholds_and_evaluate_scores_it(
     trained, tiny_root, tmp_path, min_labels, caplog
@@ -220,6 +230,7 @@ def test_submit_applies_the_rule_stored_with_the_thresholds_and_evaluate_scores_
     assert f"but the thresholds were tuned for min_labels={min_labels}" in caplog.text
 
 
+@pytest.mark.slow
 def test_evaluate_scores_a_val_json_against_all_labels_when_told_to(trained, tiny_root, tmp_path):
     run_dir, _ = trained
     common = dict(num_workers=0, accelerator="cpu", progress_bar=False)
@@ -250,6 +261,7 @@ def test_cli_reports_a_missing_data_root_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_cli_evaluate_names_the_first_bad_key(tmp_path):
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "000000000001.cls").write_text("3\n")

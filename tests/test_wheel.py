@@ -83,6 +83,7 @@ def trains_submits_and_evaluates(python: list[str], scripts: Path, site: Path, e
     assert not (folder / "conf").exists() and not list(folder.glob("*.egg-info"))
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_configs_and_trains_submits_and_evaluates_elsewhere(installed, tmp_path):
     site, env = installed
     assert (site / "coco_multilabel" / "conf" / "experiment" / "top_csra.yaml").is_file()
