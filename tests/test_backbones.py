@@ -68,6 +68,7 @@ def test_every_cut_composes_back_to_the_whole_network(staged):
     assert 0 < len(top) < len(list(staged.parameters()))
 
 
+@pytest.mark.slow
 def test_transformers_give_pooled_features_and_refuse_cuts_with_what_works():
     vit = timm_backbone("vit_tiny_patch16_224").eval()
     assert not vit.chain and vit(torch.zeros(1, 3, 224, 224)).shape == (1, vit.num_features)
@@ -83,6 +84,7 @@ def test_transformers_give_pooled_features_and_refuse_cuts_with_what_works():
         torchvision_backbone("resnet18").check_cut(4, False)
 
 
+@pytest.mark.slow
 def test_preprocessing_comes_from_the_weights_without_downloading():
     # the enum's transforms are read without fetching the weights (weights_file stands in for them)
     regnet = torchvision.models.get_model_weights("regnet_y_400mf")["IMAGENET1K_V2"].transforms()

@@ -63,6 +63,7 @@ def test_cached_features_equal_fresh_ones_and_are_reused(images, tmp_path):
     assert [p.name for p in cache_folders(tmp_path)] == [cache_key(BACKBONE, transform, images, True)]
 
 
+@pytest.mark.slow
 def test_a_head_trained_from_the_cache_matches_one_trained_on_the_fly(train_cfg, tmp_path):
     # SGD: Adam would turn float noise in near-zero gradients into full-size steps
     same = ["schedule=probe", "model.dropout=0", "data.augment=false", "trainer.max_epochs=2",

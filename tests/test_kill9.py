@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -63,6 +64,7 @@ def assert_complete_or_absent(folder) -> list[str]:
     return checked
 
 
+@pytest.mark.slow
 def test_train_submit_and_report_killed_at_several_moments(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     train = [*tiny(f"data.root={tiny_root}", "trainer.max_epochs=2"), f"hydra.run.dir={run_dir}"]
@@ -98,6 +100,7 @@ def test_train_submit_and_report_killed_at_several_moments(tiny_root, tmp_path):
     assert "report.html" in assert_complete_or_absent(run_dir / "report")
 
 
+@pytest.mark.slow
 def test_make_data_killed_mid_archive_leaves_no_data_root_and_the_next_unpack_cleans_up(tiny_root, tmp_path):
     archive = tmp_path / "ms-coco.zip"
     with zipfile.ZipFile(archive, "w") as zf:

@@ -41,6 +41,7 @@ def test_tta_averages_the_image_and_its_mirror_image():
         assert torch.allclose(model.probabilities({"features": features}), model(features=features).sigmoid())
 
 
+@pytest.mark.slow
 def test_submit_tta_changes_the_probabilities(train_cfg, tiny_root, tmp_path):
     summary = train(train_cfg("backbone=efficientnet_lite0", "callbacks.ema=null", run_dir=tmp_path / "run"))
     probs = {}
@@ -51,6 +52,7 @@ def test_submit_tta_changes_the_probabilities(train_cfg, tiny_root, tmp_path):
     assert not torch.allclose(probs[False], probs[True])
 
 
+@pytest.mark.slow
 def test_ema_weights_are_validated_and_saved_beside_the_raw_weights(train_cfg, tmp_path):
     summary = train(train_cfg("callbacks.ema.decay=0.9", "trainer.max_epochs=2", run_dir=tmp_path / "ema"))
     checkpoint = read_checkpoint(tmp_path / "ema" / "checkpoints" / "last.ckpt")

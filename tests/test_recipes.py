@@ -63,6 +63,7 @@ def test_every_experiment_trains_what_it_says(experiment, train_cfg, tmp_path):
         assert (epoch["start"]["backbone"] != epoch["end"]["backbone"]) == trains_backbone, phase
 
 
+@pytest.mark.slow
 def test_a_transformer_is_refused_by_the_default_recipe_and_trains_with_lp_ft(train_cfg, tmp_path):
     vit = ["backbone=timm", "backbone.name=vit_tiny_patch16_224", "offline=true", "data.image_size=224"]
     with pytest.raises(
@@ -75,6 +76,7 @@ def test_a_transformer_is_refused_by_the_default_recipe_and_trains_with_lp_ft(tr
     assert summary["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_a_backbone_by_lr_multirun_runs_the_default_recipe_in_every_job(tiny_root, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli(

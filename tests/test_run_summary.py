@@ -3,6 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -11,6 +12,7 @@ from coco_multilabel.cli import CONFIG_DIR
 from coco_multilabel.reporting.run_summary import print_summary
 
 
+@pytest.mark.slow
 def test_the_summary_names_the_best_epoch_its_files_and_the_exact_submit_line(tensorboard_run, capsys):
     run_dir, summary = tensorboard_run
     print_summary(summary, run_dir, "data/ms-coco")

@@ -167,6 +167,7 @@ def test_a_run_killed_in_its_second_phase_resumes_there_and_ends_as_an_unstopped
         assert results[1][key] == pytest.approx(results[0][key], abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_ddp_ranks_hold_the_same_weights_after_every_epoch_of_both_phases(tiny_root, tmp_path):
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
     result = cli(

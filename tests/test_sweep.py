@@ -271,6 +271,7 @@ def test_a_sweep_dir_holding_another_sweep_is_refused(tiny_root, tmp_path):
     assert json.loads((sweep / "0" / "result.json").read_text())["overrides"] == ["model.dropout=0.9"]
 
 
+@pytest.mark.slow
 def test_a_failing_job_frees_its_device_and_the_sweep_goes_on(tiny_root, tmp_path):
     sweep = tmp_path / "sweep"
     pool = ["device_pool.ids=[0]", f"device_pool.lock_dir={tmp_path / 'locks'}"]

@@ -118,6 +118,7 @@ def _gather_on_rank(rank: int, init_file: str, shards: list, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_thresholds_from_two_ranks_with_uneven_shards_equal_the_single_process_ones(tmp_path):
     import torch.multiprocessing as mp
 

@@ -251,6 +251,7 @@ def labels_of(folder, labels, stems):
     return folder
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_data_root_without_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "coco_multilabel.train", f"hydra.run.dir={tmp_path}"],
