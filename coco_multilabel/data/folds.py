@@ -6,6 +6,8 @@ over the folds rather than left to chance. A repair step then makes sure that ev
 least K images is in every fold, moving an image from a fold that has two or more; it only makes
 moves that keep every other class where it was, which always succeeds when no image holds two
 classes of at least K images, and almost always otherwise (some label sets admit no such folds).
+Ours, not ``iterstrat``'s ``MultilabelStratifiedKFold`` or scikit-multilearn's: they deal out the
+same way but have no such repair, so a rare class can miss a fold and its out-of-fold F1 is lost.
 
 The folds are written once per cross-validation folder (``folds.json``) and read by every fold's
 run, resume, submit and the out-of-fold table, so all of them agree on which image is where.
