@@ -7,7 +7,7 @@ least K images is in every fold, moving an image from a fold that has two or mor
 moves that keep every other class where it was, which always succeeds when no image holds two
 classes of at least K images, and almost always otherwise (some label sets admit no such folds).
 Ours, not ``iterstrat``'s ``MultilabelStratifiedKFold`` or scikit-multilearn's: they deal out the
-same way but have no such repair, so a rare class can be absent from a fold, whose val F1 of it is then undefined.
+same way but have no such repair, so a rare class can be absent from a fold's val split.
 
 The folds are written once per cross-validation folder (``folds.json``) and read by every fold's
 run, resume, submit and the out-of-fold table, so all of them agree on which image is where.
