@@ -96,3 +96,10 @@ def test_wall_time_reads_in_hours_minutes_and_seconds():
     from coco_multilabel.reporting.report import duration
 
     assert [duration(s) for s in (None, 12.4, 220.3, 3725)] == [None, "12 s", "3 min 40 s", "1 h 02 min"]
+
+
+def test_table_numbers_keep_small_values_and_round_seconds():
+    from coco_multilabel.reporting.report import number
+
+    assert [number(v) for v in (0.39951, 0.002047, 1.293e-05, 0.0, 2337.4, 991.4)] == [
+        "0.400", "0.00205", "1.29e-05", "0.000", "2337", "991"]  # fmt: skip

@@ -545,17 +545,23 @@ def note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
+def number(value: float) -> str:
+    """3 decimals, as scores read; a small value (a learning rate, a weight decay) to 3 significant
+    digits, which 3 decimals would round to 0.000; a large one (seconds) whole."""
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.3g}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+
+
 def table(rows: list[dict], raw: tuple[str, ...] = ()) -> str:
-    """An HTML table; floats to 3 decimals; the ``raw`` columns are HTML already."""
+    """An HTML table, floats as :func:`number` writes them; the ``raw`` columns are HTML already."""
     if not rows:
         return ""
 
     def cell(key, value):
         if key in raw:
             return str(value)
-        return html.escape(
-            f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
-        )
+        return html.escape(number(value) if isinstance(value, float) else "" if value is None else str(value))
 
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{cell(k, v)}</td>" for k, v in r.items()) + "</tr>" for r in rows)
