@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = (
@@ -120,20 +120,29 @@ def find_python(version: str) -> str | None:
 
 def dependencies_venv(python: str, wheel: Path) -> Path:
     """A virtual environment of ``python`` with the wheel and its dependencies installed by pip, as a
-    user installs them. Kept in ``$XDG_CACHE_HOME/coco-multilabel/test-venvs/``, one per Python and
-    set of dependencies (pyproject.toml's hash; its torch alone is gigabytes, minutes to install):
-    a later run finds it and only reinstalls the wheel."""
-    dependencies = (ROOT / "pyproject.toml").read_bytes()
+    user installs them. Kept in ``$XDG_CACHE_HOME/coco-multilabel/test-venvs/``, one per Python, named
+    by the hash of the dependencies pyproject.toml lists (its torch alone is 6 GB, minutes to install):
+    a later run finds it and only reinstalls the wheel. A new one replaces the others of its Python,
+    so edits to the dependencies do not pile up venvs on the disk."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dependencies = "\n".join([project["requires-python"], *project["dependencies"]]).encode()
     key = hashlib.sha256(dependencies + python.encode()).hexdigest()[:12]
     cache = (
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coco-multilabel" / "test-venvs"
     )
-    venv = cache / f"python{Path(python).name.removeprefix('python')}-{key}"
+    prefix = f"python{Path(python).name.removeprefix('python')}-"
+    venv = cache / f"{prefix}{key}"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYENV_VERSION")}
     pip = [str(venv / "bin" / "python"), *PIP, "install", "--quiet"]
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{venv}.lock"):  # test runs side by side: one builds it, the other waits
         if not (venv / "complete").exists():  # new, or left half-made by a killed run
+            for stale in (path for path in cache.glob(f"{prefix}*") if path.is_dir() and path != venv):
+                try:
+                    with FileLock(f"{stale}.lock", timeout=0):
+                        shutil.rmtree(stale, ignore_errors=True)
+                except Timeout:  # a run of another checkout is building or updating it: leave it
+                    pass
             shutil.rmtree(venv, ignore_errors=True)
             run([python, "-m", "venv", str(venv)], cache, env)
             run([*pip, str(wheel)], cache, env)
