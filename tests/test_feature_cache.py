@@ -336,6 +336,7 @@ def test_a_cache_over_the_jobs_memory_limit_is_memory_mapped(images, tmp_path, m
     assert isinstance(FeatureCache.load(folder).features, np.memmap)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # validation_step with no Trainer
 def test_a_three_channel_cached_map_is_taken_for_features_not_for_an_image(tmp_path, monkeypatch):
     """The batch says what it holds: 3 x 2 x 2 maps, once taken for images by their shape, reach the
     top and head as they are, their mirror image's with them; the trunk never runs."""

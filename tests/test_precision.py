@@ -46,6 +46,7 @@ def test_logits_are_float32_under_mixed_precision():
     assert logits.dtype == features.dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # validation_step with no Trainer
 def test_eval_precision_decides_validation_whatever_the_trainer_runs():
     """``32`` switches a mixed-precision trainer's autocast off in validation; ``bf16`` switches
     it on in a float32 one; validation and predict compute the same probabilities."""
