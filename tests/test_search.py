@@ -212,7 +212,7 @@ def test_the_summary_lists_every_trial_best_first_with_what_became_of_it(tmp_pat
     head = "# Search: 3 of 4 trials finished (2 complete, 1 pruned, 1 running; 1 failed and retried)"
     assert markdown.startswith(head)
     assert "Best: trial 1, val/macro_f1_xfit = 0.6000" in markdown and "selected on val" in markdown
-    for name in ("history.png", "importance.png", "parallel_coordinate.png", "intermediate.png"):
+    for name in ("history.png", "importance.png", "slice.png", "intermediate.png"):
         assert f"]({name})" in markdown and (tmp_path / name).stat().st_size > 1000
     assert best_trials(tmp_path, 2) == [tmp_path / "1", tmp_path / "0"]
     with pytest.raises(UserError, match="2 complete trials, fewer than TOP=3"):

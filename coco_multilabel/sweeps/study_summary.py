@@ -1,8 +1,9 @@
 """A study's summary (``make search``): ``summary.csv`` and ``summary.md`` in its folder, one row per
 trial, best first, and Optuna's plots of the study beside them as PNGs: the objective trial after
-trial, which params mattered (PED-ANOVA importance), the params of every trial against its score,
-and each trial's objective epoch by epoch (where pruned trials stopped). Rebuilt after every
-trial from the study's journal alone, so it is the same whichever machine wrote it.
+trial, which params mattered (PED-ANOVA importance), each param against the objective (a slice
+plot: parallel coordinates crowd past a few trials) and each trial's objective epoch by epoch
+(where pruned trials stopped). Rebuilt after every trial from the study's journal alone, so it is
+the same whichever machine wrote it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import matplotlib.figure
 import matplotlib.pyplot as plt
+import numpy as np
 import optuna
 from filelock import FileLock
 from matplotlib.ticker import MaxNLocator
@@ -28,7 +30,7 @@ STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialSta
 PLOTS = {
     "history.png": "the objective, trial after trial, and the best so far",
     "importance.png": "how much each param decided the objective (PED-ANOVA)",
-    "parallel_coordinate.png": "every complete trial's params against its objective",
+    "slice.png": "each param against the objective, one panel a param; colour: trial number",
     "intermediate.png": "each trial's objective epoch by epoch: pruned trials stop early",
 }
 
@@ -125,7 +127,7 @@ def figures(study: optuna.Study, objective: str) -> dict[str, matplotlib.figure.
     draw = {
         "history.png": complete >= 1 and (optuna_plots.plot_optimization_history, named),
         "importance.png": complete >= 2 and (optuna_plots.plot_param_importances, named),
-        "parallel_coordinate.png": complete >= 1 and (optuna_plots.plot_parallel_coordinate, named),
+        "slice.png": complete >= 1 and (optuna_plots.plot_slice, named),
         "intermediate.png": any(t.intermediate_values for t in trials)
         and (optuna_plots.plot_intermediate_values, {}),
     }
@@ -140,8 +142,10 @@ def figures(study: optuna.Study, objective: str) -> dict[str, matplotlib.figure.
                 if name == "intermediate.png":  # Optuna's steps are this project's epochs
                     axes.set(xlabel="epoch", ylabel=objective)
                     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-                axes.figure.set_size_inches(8, 5)
-                result[name] = axes.figure
+                panels = np.atleast_1d(axes)  # the slice plot: one Axes a param
+                wide = len(panels) > 1
+                panels[0].figure.set_size_inches(3.5 * len(panels) + 1.5 if wide else 8, 4 if wide else 5)
+                result[name] = panels[0].figure
     return result
 
 
