@@ -138,7 +138,10 @@ def clean(
     """``(caches, chosen, table)``; with ``apply`` the chosen caches are deleted."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        raise UserError(f"{cache_dir} is not a folder: pass the feature cache folder (data.cache_dir)")
+        raise UserError(
+            f"{cache_dir} is not a folder: pass the folder your runs cache features in (their "
+            'data.cache_dir, default outputs/cache): make clean-cache ARGS="<folder>"'
+        )
     now = time.time()
     caches = list_caches(cache_dir)
     chosen = choose(caches, older_than_days, keep_gb, now)

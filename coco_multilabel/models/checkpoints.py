@@ -84,7 +84,7 @@ def check_resumable(ckpt_path: str | Path, backbone: dict, num_classes: int = NU
     if saved.get("num_classes", NUM_CLASSES) != num_classes:
         raise UserError(
             f"{ckpt_path} predicts {saved.get('num_classes')} classes, but this run has {num_classes}; "
-            "resume with the same model.num_classes or start a new run"
+            f"resume with +model.num_classes={saved.get('num_classes')} or start a new run"
         )
 
 
